@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch and torchvision must come from the same build (see docs/stack.md); these pins exist on
+# CPU dev machines here and on PyPI.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: venv demo test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PINS)
+	# deepspeed compiles against the installed torch, so it must not build in isolation
+	$(BIN)/pip install -q --no-build-isolation deepspeed
+	$(BIN)/pip install -q -e '.[test,openai]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/python -m mllm_tune.demo
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+bench: venv
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

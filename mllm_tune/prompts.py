@@ -1,0 +1,214 @@
+"""Every prompt the project sends to an MLLM, and the parsers of their answers.
+
+This is the single source of prompt text (SPEC §5, §6): the anchor-localization question
+(T_loc), the human-centred VQA question (T_vqa), the aggregation prompt (T_aggr), and the RDA
+decomposition (T_dec) and rewrite (T_rwt) prompts. The wording is the project's own.
+
+Users replace any template from a YAML or JSON file (``load_prompts(path)``); keys are the
+field names of :class:`PromptSet`. Placeholders use ``str.format`` names, listed per field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Iterable
+
+# The 15 human-centred aspects of T_vqa, in the order they are asked (SPEC §5).
+VQA_ASPECTS: tuple[str, ...] = (
+    "Is the person a man or a woman?",
+    "How long is the person's hair, and what colour is it?",
+    "What colour and type is the upper-body garment, and are its sleeves long or short?",
+    "What colour and type are the trousers or skirt, and are they long or short?",
+    "Are there patterns or prints on the clothes? Describe them.",
+    "What colour and style are the shoes?",
+    "Is the person wearing glasses?",
+    "Is the person wearing a scarf?",
+    "Is the person holding something in the hand? If so, what is it and what colour is it?",
+    "Is the person carrying a backpack or a bag? If so, what colour is it?",
+    "Is the person wearing a hat?",
+    "Is the person wearing a belt or a waistband?",
+    "What is the person doing?",
+    "What is in the background?",
+    "Are there other people in the background?",
+)
+
+_DEFAULT_LOC = (
+    "Look at the pedestrian in the image and read this description:\n"
+    '"{caption}"\n'
+    "Does the description accurately match the person in the image? "
+    "Answer with Yes or No only."
+)
+
+_DEFAULT_VQA = (
+    "Look carefully at the pedestrian in the image and answer each question below in a short "
+    "sentence. Number your answers like the questions.\n{questions}"
+)
+
+_DEFAULT_AGGR = (
+    "Merge the facts below into one short, fluent description of a single pedestrian. Keep every "
+    "detail of the original description, add the new facts, drop repeated or contradicting "
+    "ones, and do not invent anything.\n"
+    "Example\n"
+    "Original: A woman with long hair walks on the street.\n"
+    "Facts: She wears a red coat. She carries a black handbag. Her shoes are white.\n"
+    "Merged: A woman with long hair wears a red coat and white shoes and carries a black "
+    "handbag while walking on the street.\n"
+    "Now do the same. Reply with the merged description only.\n"
+    "Original: {caption}\n"
+    "Facts: {facts}\n"
+    "Merged:"
+)
+
+_DEFAULT_DEC = (
+    "Split this description of a pedestrian into short sentences, each about one attribute "
+    "(gender, hair, upper clothes, lower clothes, shoes, bag, accessories, action). "
+    "Write one sentence per line and nothing else.\n"
+    "Description: {text}"
+)
+
+_DEFAULT_RWT = (
+    "Rewrite the sentence below in {m} different ways that keep exactly the same meaning. "
+    "Write one rewrite per line and nothing else.\n"
+    "Sentence: {sentence}"
+)
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The prompt templates. Placeholders: loc {caption}; vqa {questions}; aggr {caption},
+    {facts}; dec {text}; rwt {sentence}, {m}."""
+
+    loc: str = _DEFAULT_LOC
+    vqa: str = _DEFAULT_VQA
+    aggr: str = _DEFAULT_AGGR
+    dec: str = _DEFAULT_DEC
+    rwt: str = _DEFAULT_RWT
+    vqa_aspects: tuple[str, ...] = VQA_ASPECTS
+
+    # -- rendering -------------------------------------------------------------------------
+    def render_loc(self, caption: str) -> str:
+        return self.loc.format(caption=_clean(caption, "caption"))
+
+    def render_vqa(self) -> str:
+        questions = "\n".join(f"{i}. {q}" for i, q in enumerate(self.vqa_aspects, 1))
+        return self.vqa.format(questions=questions)
+
+    def render_aggr(self, caption: str, facts: Iterable[str]) -> str:
+        return self.aggr.format(caption=_clean(caption, "caption"), facts=" ".join(facts))
+
+    def render_dec(self, text: str) -> str:
+        return self.dec.format(text=_clean(text, "text"))
+
+    def render_rwt(self, sentence: str, m: int) -> str:
+        return self.rwt.format(sentence=_clean(sentence, "sentence"), m=m)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["vqa_aspects"] = list(self.vqa_aspects)
+        return d
+
+
+_PLACEHOLDERS = {
+    "loc": {"caption"},
+    "vqa": {"questions"},
+    "aggr": {"caption", "facts"},
+    "dec": {"text"},
+    "rwt": {"sentence", "m"},
+}
+
+DEFAULT_PROMPTS = PromptSet()
+
+
+def _clean(text: str, what: str) -> str:
+    text = " ".join(str(text).split())
+    if not text:
+        raise ValueError(f"empty {what}: a prompt cannot be built from an empty {what}")
+    return text
+
+
+def load_prompts(path: str | Path | None) -> PromptSet:
+    """Load a PromptSet from YAML/JSON, overriding only the keys the file gives."""
+    if path is None:
+        return DEFAULT_PROMPTS
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in {".yaml", ".yml"}:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
+        raise ValueError(f"prompt file {path} is not valid {path.suffix[1:] or 'JSON'}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"prompt file {path} must hold a mapping of template names to strings")
+    known = {f.name for f in fields(PromptSet)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"prompt file {path}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    for key, want in _PLACEHOLDERS.items():
+        if key in data:
+            have = set(re.findall(r"{(\w+)}", data[key]))
+            if not want <= have:
+                raise ValueError(
+                    f"prompt file {path}: template '{key}' must contain the placeholder(s) "
+                    f"{sorted('{' + w + '}' for w in want - have)}"
+                )
+    if "vqa_aspects" in data:
+        data["vqa_aspects"] = tuple(data["vqa_aspects"])
+    return replace(DEFAULT_PROMPTS, **data)
+
+
+# -- answer parsers ------------------------------------------------------------------------
+
+_YES = re.compile(r"yes", re.IGNORECASE)
+
+
+def is_yes(answer: str) -> bool:
+    """The released THI rule: an answer counts as Yes when it contains 'yes' in any case."""
+    return bool(_YES.search(answer or ""))
+
+
+_NUMBERED = re.compile(r"^\s*(?:\(?\d{1,2}[\.\):]|[-*\u2022])\s*")
+_YESNO_PREFIX = re.compile(r"^(?:yes|no)\s*[,\.:;!-]\s*", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def split_answer_sentences(answer: str) -> list[str]:
+    """Turn a (numbered) VQA answer into short standalone sentences.
+
+    Robust to numbered lines ("1. ...", "2) ..."), bullets, missing numbers, several answers
+    on one line, and "Yes, ..." / "No, ..." prefixes (the prefix is dropped, the fact kept).
+    A bare "Yes"/"No" line carries no standalone fact and is dropped; so are empty lines.
+    """
+    out: list[str] = []
+    for raw in (answer or "").splitlines():
+        line = _NUMBERED.sub("", raw).strip()
+        if not line:
+            continue
+        for part in _SENTENCE_END.split(line):
+            part = _NUMBERED.sub("", part).strip()
+            part = _YESNO_PREFIX.sub("", part).strip()
+            if not part or part.rstrip(".!").strip().lower() in {"yes", "no", "n/a", "none", "unknown"}:
+                continue
+            part = part[0].upper() + part[1:]
+            if part[-1] not in ".!?":
+                part += "."
+            out.append(part)
+    return out
+
+
+def split_lines(answer: str) -> list[str]:
+    """One item per non-empty line, with numbering or bullets removed (T_dec, T_rwt answers)."""
+    items = []
+    for raw in (answer or "").splitlines():
+        line = _NUMBERED.sub("", raw).strip().strip('"').strip()
+        if line:
+            items.append(line)
+    return items

@@ -203,6 +203,9 @@ def _phrases(a: PersonAttributes) -> dict[str, str]:
         "lower": (f"a {a.lower_length} {a.lower_color} skirt" if a.lower_type == "skirt"
                   else f"{a.lower_color} {a.lower_type}"),
         "shoes": f"{a.shoes_color} shoes",
+        # vaguer clothing mentions (colour only), as real captions often are
+        "upper_color": f"a {a.upper_color} top",
+        "lower_color": f"{a.lower_color} bottoms",
     }
     if a.bag != "none":
         p["bag"] = f"a {a.bag_color} {a.bag}"
@@ -218,6 +221,8 @@ GROUP_KEYS = {
     "gender": ("gender",),
     "hair": ("hair_length", "hair_color"),
     "upper": ("upper_type", "upper_color", "sleeve"),
+    "upper_color": ("upper_color",),
+    "lower_color": ("lower_color",),
     "lower": ("lower_type", "lower_color", "lower_length"),
     "shoes": ("shoes_color",),
     "bag": ("bag", "bag_color"),
@@ -231,20 +236,22 @@ def make_caption(a: PersonAttributes, rng: random.Random) -> tuple[str, list[str
     p = _phrases(a)
     optional = [g for g in ("hair", "upper", "lower", "shoes", "bag", "hat", "glasses") if g in p]
     # at least one clothing group, so every caption says something visual
-    k = rng.randint(1, min(4, len(optional)))
+    # mostly short captions, so that many of them fit several identities
+    k = min(len(optional), rng.choices((1, 2, 3, 4), weights=(3, 4, 2, 1))[0])
     chosen = rng.sample(optional, k)
     if not any(g in chosen for g in ("upper", "lower")):
         chosen[0] = rng.choice(("upper", "lower"))
     chosen = list(dict.fromkeys(chosen))
+    chosen = [f"{g}_color" if g in ("upper", "lower") and rng.random() < 0.35 else g for g in chosen]
     with_gender = rng.random() < 0.6
     subj = rng.choice((f"A {a.gender}", f"The {a.gender}", f"This {a.gender}")) if with_gender else rng.choice(
         ("A person", "A pedestrian", "The pedestrian", "Someone"))
-    wear = [g for g in chosen if g in ("upper", "lower", "shoes", "hat", "glasses")]
+    wear = [g for g in chosen if g in ("upper", "lower", "upper_color", "lower_color", "shoes", "hat", "glasses")]
     has = [g for g in chosen if g == "hair"]
     carry = [g for g in chosen if g == "bag"]
     clauses = []
     if has:
-        clauses.append(rng.choice(("has ", "with ")) + p["hair"])
+        clauses.append("has " + p["hair"])
     if wear:
         items = [p[g] for g in wear]
         lst = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
@@ -256,7 +263,6 @@ def make_caption(a: PersonAttributes, rng: random.Random) -> tuple[str, list[str
         body = clauses[0]
     else:
         body = ", ".join(clauses[:-1]) + " and " + clauses[-1]
-    body = body.replace("with ", "has ", 1) if body.startswith("with ") and rng.random() < 0.5 else body
     if rng.random() < 0.3:
         text = f"{subj} {body}. {rng.choice(('The person is walking.', 'The person is standing.', 'Seen from the front.'))}"
     else:

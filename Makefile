@@ -2,8 +2,8 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch and torchvision must come from the same build (see docs/stack.md); these pins exist on
-# CPU dev machines here and on PyPI.
+# torch and torchvision must come from the same build (the Qwen-VL processors need torchvision);
+# these pins exist on PyPI and on the CPU dev machines. Override TORCH_PINS for another CUDA build.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: venv demo test bench clean

@@ -1,0 +1,262 @@
+"""THI: test-time human-centred interaction (SPEC §5, Algorithm 1 as released).
+
+Pure: base similarity S (queries x gallery), gallery features, query captions, gallery image
+paths, an MLLM backend and a text encoder go in; per-query decisions and a way to build the
+re-ranked scores of any round (and any λ) come out. No files are read or written here.
+
+Per round r = 0..K-1, for every query not refined yet, T_loc(caption, C_i[r]) is asked; a Yes is
+accepted when
+  r = 0: S[i, C_i[0]] > ξ;
+  r > 0: no earlier round answered Yes for i, and s ≤ ξ, where s = S[i, C_i[0]] (the released
+         gate, default) or s = S[i, C_i[r]] (the paper's gate, ``gate="paper"``).
+Accepted queries get T_vqa on the anchor image, then T_aggr(caption, VQA sentences) = q̂_i; after
+each round S̄[i] = f_text(q̂_i)·F_galleryᵀ with S̄[i, anchor] = 1 for refined queries and S̄[i] = S[i]
+otherwise, and Ŝ = λS + (1-λ)S̄.
+
+Minimal-call mode (default) asks T_loc at round r only if some round r' ≥ r could still accept
+for that query (e.g. a query whose top-1 is above ξ matters only in round 0 with the released
+gate, and a Yes in round 0 at or below ξ ends the query). That set of rounds shrinks as r grows,
+so skipping never hides an answer a later decision needs: the decisions, hence the rankings,
+equal those of ``exhaustive=True``, which asks every unrefined query in every round as the
+released code does. Minimal mode also asks T_vqa once per distinct anchor image.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from mllm_tune.backends import MLLMBackend, MLLMRequest
+from mllm_tune.prompts import DEFAULT_PROMPTS, PromptSet, is_yes, split_answer_sentences
+
+logger = logging.getLogger(__name__)
+
+GATES = ("released", "paper")
+TextEncoder = Callable[[list[str]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class THIConfig:
+    rounds: int = 5  # K
+    xi: float = 0.50  # ξ (0.55 on ICFG-PEDES)
+    lam: float = 0.8  # λ
+    gate: str = "released"
+    exhaustive: bool = False
+    batch_size: int = 128  # requests per backend call (a kill loses at most one batch)
+    encode_batch: int = 64
+
+    def __post_init__(self) -> None:
+        if self.gate not in GATES:
+            raise ValueError(f"THI gate must be one of {GATES}, got {self.gate!r}")
+        if self.rounds < 1:
+            raise ValueError(f"THI needs at least one round, got rounds={self.rounds}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"λ must be in [0, 1], got {self.lam}")
+        if self.batch_size < 1 or self.encode_batch < 1:
+            raise ValueError("batch sizes must be positive")
+
+
+@dataclass
+class QueryDecision:
+    query: int  # row of S
+    candidates: list[int]  # C_i (gallery indices, best first)
+    loc: dict[int, str] = field(default_factory=dict)  # round -> T_loc answer (rounds asked only)
+    refined_round: int | None = None
+    anchor: int | None = None  # gallery index
+    vqa: str | None = None
+    facts: list[str] = field(default_factory=list)
+    refined_text: str | None = None
+
+    @property
+    def yes_rounds(self) -> list[int]:
+        return [r for r, a in sorted(self.loc.items()) if is_yes(a)]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["loc"] = {str(k): v for k, v in self.loc.items()}
+        return d
+
+
+@dataclass
+class THIResult:
+    config: THIConfig
+    base: torch.Tensor  # S [Q, G]
+    gallery_feats: torch.Tensor | None  # [G, D]
+    decisions: list[QueryDecision]
+    refined_feats: dict[int, torch.Tensor]  # query -> f_text(q̂_i), L2-normalised [D]
+    calls: dict[str, int]  # requests THI asked per stage (independent of the cache)
+    stage_seconds: dict[str, float]
+
+    @property
+    def refined(self) -> list[int]:
+        return [d.query for d in self.decisions if d.refined_round is not None]
+
+    def refined_count(self, after_round: int | None = None) -> int:
+        last = self.config.rounds - 1 if after_round is None else after_round
+        return sum(d.refined_round is not None and d.refined_round <= last for d in self.decisions)
+
+    def scores(self, after_round: int | None = None, lam: float | None = None) -> torch.Tensor:
+        """Ŝ after round ``after_round`` (default: the last) with balance ``lam`` (default: config.λ)."""
+        if self.gallery_feats is None:
+            raise RuntimeError("this THI run did not re-encode queries (encode=False): no scores to build")
+        last = self.config.rounds - 1 if after_round is None else after_round
+        lam = self.config.lam if lam is None else lam
+        rows = [d for d in self.decisions if d.refined_round is not None and d.refined_round <= last]
+        out = self.base.clone()
+        if rows:
+            idx = torch.tensor([d.query for d in rows])
+            feats = torch.stack([self.refined_feats[d.query] for d in rows])
+            sbar = feats @ self.gallery_feats.T
+            sbar[torch.arange(len(rows)), torch.tensor([d.anchor for d in rows])] = 1.0
+            out[idx] = lam * self.base[idx] + (1.0 - lam) * sbar
+        return out
+
+
+def _can_accept(gate: str, r: int, cand_sims: Sequence[float], xi: float) -> bool:
+    """Could a Yes at round r be accepted, assuming no earlier Yes?"""
+    if r == 0:
+        return cand_sims[0] > xi
+    s = cand_sims[0] if gate == "released" else cand_sims[r]
+    return s <= xi
+
+
+def accepts(gate: str, r: int, yes: bool, earlier_yes: bool, cand_sims: Sequence[float], xi: float) -> bool:
+    """The acceptance rule of Algorithm 1 for one query at round r."""
+    if not yes or (r > 0 and earlier_yes):
+        return False
+    return _can_accept(gate, r, cand_sims, xi)
+
+
+def loc_matters(gate: str, r: int, earlier_yes: bool, cand_sims: Sequence[float], xi: float, rounds: int) -> bool:
+    """Can the T_loc answer at round r change the outcome? Only if some round r' ≥ r could still
+    accept. False at r implies False at every later round, so skipping is safe."""
+    if r > 0 and earlier_yes:
+        return False
+    return any(_can_accept(gate, rr, cand_sims, xi) for rr in range(r, rounds))
+
+
+def _ask(backend: MLLMBackend, reqs: list[MLLMRequest], batch_size: int, desc: str, progress: bool) -> list[str]:
+    out: list[str] = []
+    starts = range(0, len(reqs), batch_size)
+    for s in tqdm(starts, desc=desc, unit="batch", disable=not progress or len(reqs) <= batch_size, leave=False):
+        out.extend(backend.generate(reqs[s : s + batch_size]))
+    return out
+
+
+def _encode(encode_text: TextEncoder, texts: list[str], batch: int) -> torch.Tensor:
+    # fixed chunks in query order, so the features of a query do not depend on who else is refined
+    parts = [encode_text(texts[s : s + batch]).float() for s in range(0, len(texts), batch)]
+    feats = torch.cat(parts)
+    return torch.nn.functional.normalize(feats, dim=-1)
+
+
+def run_thi(
+    base: torch.Tensor,
+    query_texts: Sequence[str],
+    gallery_paths: Sequence[str],
+    backend: MLLMBackend,
+    encode_text: TextEncoder | None,
+    gallery_feats: torch.Tensor | None,
+    config: THIConfig = THIConfig(),
+    prompts: PromptSet = DEFAULT_PROMPTS,
+    progress: bool = True,
+) -> THIResult:
+    """Run Algorithm 1 over all rows of ``base``. With ``encode_text=None`` only the MLLM part
+    runs (used to fill the answer cache from a shard of queries)."""
+    base = base.float()
+    Q, G = base.shape
+    if len(query_texts) != Q or len(gallery_paths) != G:
+        raise ValueError(f"THI: S is {Q}x{G} but got {len(query_texts)} captions and {len(gallery_paths)} images")
+    if encode_text is not None and (gallery_feats is None or gallery_feats.shape[0] != G):
+        raise ValueError(f"THI: gallery features must have {G} rows to match S")
+    K = min(config.rounds, G)
+    cfg = config
+    order = torch.sort(base, dim=1, descending=True, stable=True).indices[:, :K]
+    cand_sims = torch.gather(base, 1, order).tolist()
+    decisions = [QueryDecision(i, order[i].tolist()) for i in range(Q)]
+    calls: Counter[str] = Counter()
+    secs: Counter[str] = Counter()
+    refined_feats: dict[int, torch.Tensor] = {}
+    vqa_memo: dict[int, str] = {}  # anchor -> answer (minimal mode asks each anchor once)
+    loc_prompts = [prompts.render_loc(t) for t in query_texts]
+    vqa_prompt = prompts.render_vqa()
+
+    for r in tqdm(range(K), desc="THI rounds", unit="round", disable=not progress):
+        # -- anchor localization ------------------------------------------------------------
+        ask = []
+        for d in decisions:
+            if d.refined_round is not None:
+                continue
+            earlier = bool(d.yes_rounds)
+            if cfg.exhaustive or loc_matters(cfg.gate, r, earlier, cand_sims[d.query], cfg.xi, K):
+                ask.append(d)
+        t0 = time.perf_counter()
+        answers = _ask(backend, [MLLMRequest("loc", loc_prompts[d.query], gallery_paths[d.candidates[r]]) for d in ask],
+                       cfg.batch_size, f"T_loc round {r}", progress)
+        secs["loc"] += time.perf_counter() - t0
+        calls["loc"] += len(ask)
+        accepted = []
+        for d, a in zip(ask, answers):
+            earlier = bool(d.yes_rounds)
+            d.loc[r] = a
+            if accepts(cfg.gate, r, is_yes(a), earlier, cand_sims[d.query], cfg.xi):
+                d.refined_round, d.anchor = r, d.candidates[r]
+                accepted.append(d)
+        if not accepted:
+            continue
+        # -- human-centred VQA on the anchors -------------------------------------------------
+        if cfg.exhaustive:
+            need = [d.anchor for d in accepted]
+        else:
+            need = list(dict.fromkeys(d.anchor for d in accepted if d.anchor not in vqa_memo))
+        t0 = time.perf_counter()
+        vqa_answers = _ask(backend, [MLLMRequest("vqa", vqa_prompt, gallery_paths[g]) for g in need],
+                           cfg.batch_size, f"T_vqa round {r}", progress)
+        secs["vqa"] += time.perf_counter() - t0
+        calls["vqa"] += len(need)
+        if cfg.exhaustive:
+            for d, a in zip(accepted, vqa_answers):
+                d.vqa = a
+        else:
+            vqa_memo.update(zip(need, vqa_answers))
+            for d in accepted:
+                d.vqa = vqa_memo[d.anchor]  # type: ignore[index]
+        # -- aggregation (text only) ---------------------------------------------------------
+        for d in accepted:
+            d.facts = split_answer_sentences(d.vqa or "")
+        t0 = time.perf_counter()
+        merged = _ask(backend, [MLLMRequest("aggr", prompts.render_aggr(query_texts[d.query], d.facts)) for d in accepted],
+                      cfg.batch_size, f"T_aggr round {r}", progress)
+        secs["aggr"] += time.perf_counter() - t0
+        calls["aggr"] += len(accepted)
+        for d, m in zip(accepted, merged):
+            m = " ".join(m.split())
+            if not m:  # an empty merge would erase the query: keep the caption plus the facts
+                logger.warning("T_aggr returned an empty answer for query %d; using caption + facts", d.query)
+                m = " ".join([query_texts[d.query], *d.facts])
+            d.refined_text = m
+        # -- re-encode only the newly refined queries ------------------------------------------
+        if encode_text is not None:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                feats = _encode(encode_text, [d.refined_text for d in accepted], cfg.encode_batch)  # type: ignore[misc]
+            for d, f in zip(accepted, feats):
+                refined_feats[d.query] = f
+            secs["encode"] += time.perf_counter() - t0
+        logger.info("THI round %d: %d T_loc calls, %d newly refined", r, len(ask), len(accepted))
+
+    return THIResult(
+        config=cfg,
+        base=base,
+        gallery_feats=None if gallery_feats is None else gallery_feats.float(),
+        decisions=decisions,
+        refined_feats=refined_feats,
+        calls={t: int(calls[t]) for t in ("loc", "vqa", "aggr")},
+        stage_seconds={t: round(float(secs[t]), 4) for t in ("loc", "vqa", "aggr", "encode")},
+    )

@@ -1,0 +1,312 @@
+"""LoRA SFT of a Qwen-VL class MLLM on anchor-localization pairs (SPEC §4).
+
+    accelerate launch mllm_tune/sft.py recipes/qwen_lora.yaml [--key value ...]
+    python -m mllm_tune.sft --config recipes/tiny_lora.yaml --output_dir /tmp/run
+
+Built on TRL's SFTTrainer (vision collator, assistant-only loss), PEFT and accelerate. The run:
+parse the recipe -> load processor (pixel budget) and model -> LoRA on the language model only ->
+load and check the pairs -> train (resuming from the last checkpoint of `output_dir` when there is
+one) -> evaluate (loss + Yes/No accuracy) -> save adapter, processor, model card and metrics ->
+optionally push to a model hub. In-process use: `main(argv) -> dict` of final metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):  # `accelerate launch mllm_tune/sft.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mllm_tune.sft_config import DataArguments, RecipeError, RunConfig, parse_args  # noqa: E402
+
+logger = logging.getLogger("mllm_tune.sft")
+
+REQUIRED_COLUMNS = ("messages", "images")
+METRICS_FILE = "sft_metrics.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from (missing or truncated files)."""
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def _image_feature():
+    import datasets
+
+    return datasets.List(datasets.Image()) if hasattr(datasets, "List") else datasets.Sequence(datasets.Image())
+
+
+def _read_any(name: str, config: str | None):
+    """Dataset or DatasetDict from a save_to_disk folder, a jsonl/json/parquet file or a hub id."""
+    import datasets
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        try:
+            return datasets.load_from_disk(str(path)), path
+        except (FileNotFoundError, ValueError) as exc:
+            raise RecipeError(
+                f"dataset_name {path} is a folder but not one written by datasets' save_to_disk ({exc}). "
+                "Point dataset_name at the miner's output folder or at its pairs.jsonl"
+            ) from exc
+    if path.is_file():
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix.lower())
+        if kind is None:
+            raise RecipeError(f"dataset_name {path}: unsupported file type '{path.suffix}'; use .jsonl, .json or .parquet")
+        return datasets.load_dataset(kind, data_files=str(path), split="train"), path.parent
+    if name.startswith((".", "/", "~")) or name.endswith((".jsonl", ".json", ".parquet")):
+        raise RecipeError(f"dataset_name {name} does not exist")
+    return datasets.load_dataset(name, config), None
+
+
+def _prepare_split(ds, where: str, base_dir: Path | None):
+    """Keep `messages` + `images`, make image paths absolute, check the first row, cast images."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise RecipeError(
+            f"{where}: column(s) {missing} missing (have {ds.column_names}); rows need 'messages' in TRL's vision "
+            "conversational format and 'images' (a list of image paths), see docs/architecture.md 'Data contracts'"
+        )
+    if len(ds) == 0:
+        raise RecipeError(f"{where}: no rows")
+    ds = ds.remove_columns([c for c in ds.column_names if c not in REQUIRED_COLUMNS])
+    first = ds[0]
+    roles = [m.get("role") for m in first["messages"]]
+    if "assistant" not in roles or "user" not in roles:
+        raise RecipeError(f"{where}: row 0 'messages' needs a user and an assistant turn, has roles {roles}")
+    imgs = first["images"]
+    if not isinstance(imgs, list) or not imgs:
+        raise RecipeError(f"{where}: row 0 'images' must be a non-empty list of image paths, got {imgs!r}")
+    if isinstance(imgs[0], str):
+        if base_dir is not None and any(not os.path.isabs(p) for p in imgs):
+            ds = ds.map(lambda r: {"images": [p if os.path.isabs(p) else str(base_dir / p) for p in r["images"]]})
+            imgs = ds[0]["images"]
+        if not Path(imgs[0]).is_file():
+            raise RecipeError(f"{where}: row 0 image {imgs[0]} does not exist")
+    return ds.cast_column("images", _image_feature())
+
+
+def load_pairs(data: DataArguments, seed: int = 42):
+    """(train, eval or None, info) from the anchor-pair dataset named by `data.dataset_name`."""
+    import datasets
+
+    loaded, base = _read_any(data.dataset_name, data.dataset_config)
+    where = str(data.dataset_name)
+    if isinstance(loaded, (datasets.DatasetDict, dict)):
+        if data.dataset_train_split not in loaded:
+            raise RecipeError(
+                f"{where}: split '{data.dataset_train_split}' not found (splits: {list(loaded)}); "
+                "set dataset_train_split"
+            )
+        train = loaded[data.dataset_train_split]
+        ev = loaded[data.dataset_test_split] if data.dataset_test_split in loaded else None
+    else:
+        train, ev = loaded, None
+    if ev is None and data.eval_fraction > 0 and len(train) >= 2:
+        n_eval = max(1, round(len(train) * data.eval_fraction))
+        parts = train.train_test_split(test_size=n_eval, seed=seed)
+        train, ev = parts["train"], parts["test"]
+    if data.max_train_samples:
+        train = train.select(range(min(data.max_train_samples, len(train))))
+    if ev is not None and data.max_eval_samples:
+        ev = ev.select(range(min(data.max_eval_samples, len(ev))))
+    info = {"dataset": where, "train_rows": len(train), "eval_rows": len(ev) if ev is not None else 0}
+    if "label" in train.column_names:
+        labels = train["label"]
+        info["train_yes_fraction"] = round(sum(bool(x) for x in labels) / max(len(labels), 1), 4)
+    train = _prepare_split(train, f"{where} [{data.dataset_train_split}]", base)
+    if ev is not None:
+        ev = _prepare_split(ev, f"{where} [eval]", base)
+    return train, ev, info
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def _check_safetensors(path: Path) -> None:
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is truncated ({size} bytes)")
+        n = int.from_bytes(head, "little")
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            raise CheckpointError(f"{path} is truncated or corrupt: its header cannot be read") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size < 8 + n + end:
+        raise CheckpointError(f"{path} is truncated: {size} bytes, its header needs {8 + n + end}")
+
+
+def _check_torch_zip(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(f"{path} is truncated or corrupt ({exc})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path} is corrupt: member {bad} fails its CRC check")
+
+
+def check_checkpoint(ckpt: str | Path) -> Path:
+    """Raise CheckpointError with the file and the fix unless `ckpt` is a complete Trainer checkpoint."""
+    ckpt = Path(ckpt)
+    fix = (f"Delete {ckpt} to resume from the previous checkpoint, or pass --resume_from_checkpoint "
+           "with an earlier one")
+    try:
+        if not ckpt.is_dir():
+            raise CheckpointError(f"checkpoint {ckpt} does not exist")
+        state = ckpt / "trainer_state.json"
+        if not state.is_file():
+            raise CheckpointError(f"{state} is missing")
+        try:
+            json.loads(state.read_text())
+        except ValueError:
+            raise CheckpointError(f"{state} is truncated or not JSON") from None
+        weights = sorted(ckpt.glob("*.safetensors"))
+        if not weights and not any(ckpt.glob("global_step*")):
+            raise CheckpointError(f"{ckpt} holds no adapter weights (adapter_model.safetensors)")
+        for w in weights:
+            _check_safetensors(w)
+        for p in [*ckpt.glob("*.pt"), *ckpt.glob("*.pth"), *ckpt.glob("*.bin"), *ckpt.glob("global_step*/*.pt")]:
+            _check_torch_zip(p)
+    except CheckpointError as exc:
+        raise CheckpointError(f"cannot resume: {exc}. {fix}") from None
+    return ckpt
+
+
+def find_resume_checkpoint(output_dir: str, resume: str | None) -> str | None:
+    """The checkpoint to resume from: the one asked for, else the last one in `output_dir`."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume is not None and str(resume).lower() not in ("true", "last", "false", "none", ""):
+        return str(check_checkpoint(resume))
+    if resume is not None and str(resume).lower() in ("false", "none"):
+        return None
+    if not os.path.isdir(output_dir):
+        if resume is not None:
+            raise CheckpointError(f"resume_from_checkpoint={resume} but {output_dir} does not exist")
+        return None
+    last = get_last_checkpoint(output_dir)
+    if last is None:
+        if resume is not None:
+            raise CheckpointError(f"resume_from_checkpoint={resume} but {output_dir} holds no checkpoint-* folder")
+        return None
+    return str(check_checkpoint(last))
+
+
+# -- trainer -----------------------------------------------------------------------------------
+
+
+def make_trainer_class():
+    from trl import SFTTrainer
+
+    from mllm_tune.yesno_eval import YesNoEvalMixin
+
+    class PairSFTTrainer(YesNoEvalMixin, SFTTrainer):
+        """SFTTrainer + Yes/No accuracy in the eval metrics."""
+
+    return PairSFTTrainer
+
+
+def build_trainer(cfg: RunConfig, callbacks: Sequence[Any] | None = None):
+    """Processor, model, LoRA config, data and the trainer, ready to train."""
+    from mllm_tune import modeling
+
+    t = cfg.training
+    processor = modeling.load_processor(
+        cfg.model.model_name_or_path, cfg.model.model_revision, cfg.vision.image_min_pixels,
+        cfg.vision.image_max_pixels, trust_remote_code=t.trust_remote_code,
+    )
+    train_ds, eval_ds, info = load_pairs(cfg.data, seed=t.seed)
+    if eval_ds is None and t.eval_strategy != "no":
+        logger.info("no eval split: evaluation is off")
+        t.eval_strategy = "no"
+    dtype = modeling.resolve_dtype(cfg.model.dtype, t.use_cpu, t.bf16)
+    quant = modeling.quantization_config(cfg.model.load_in_4bit, cfg.model.bnb_4bit_quant_type,
+                                         cfg.model.use_bnb_nested_quant)
+    model = modeling.load_model(cfg.model.model_name_or_path, dtype, cfg.model.model_revision,
+                                cfg.model.attn_implementation, quant, t.trust_remote_code)
+    peft_config = modeling.build_lora_config(
+        model, r=cfg.lora.lora_r, alpha=cfg.lora.lora_alpha, dropout=cfg.lora.lora_dropout,
+        target_modules=cfg.lora.lora_target_modules, freeze_vision_tower=cfg.vision.freeze_vision_tower,
+        modules_to_save=cfg.lora.lora_modules_to_save, use_rslora=cfg.lora.use_rslora, use_dora=cfg.lora.use_dora,
+    )
+    cls = make_trainer_class()
+    trainer = cls(
+        model=model, args=t, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=processor,
+        peft_config=peft_config, callbacks=list(callbacks or []),
+    )
+    trainer.yesno_enabled = cfg.data.yesno_eval
+    return trainer, info
+
+
+def _print_table(metrics: dict) -> None:
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in sorted(metrics.items())]
+    w = max((len(k) for k, _ in rows), default=10)
+    print("\n".join([f"{'metric':<{w}} | value", f"{'-' * w}-|------"] + [f"{k:<{w}} | {v}" for k, v in rows]))
+
+
+def main(argv: Sequence[str] | None = None, callbacks: Sequence[Any] | None = None) -> dict:
+    """Run one SFT job; returns the final metrics (train + eval), also written to sft_metrics.json."""
+    cfg = parse_args(list(argv) if argv is not None else None)
+    t = cfg.training
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    want_push, t.push_to_hub = t.push_to_hub, False  # pushed once at the end, with our model card
+
+    resume = find_resume_checkpoint(t.output_dir, t.resume_from_checkpoint)
+    if resume:
+        logger.info("resuming from %s", resume)
+    trainer, info = build_trainer(cfg, callbacks)
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics: dict[str, Any] = dict(result.metrics)
+    metrics["global_step"] = trainer.state.global_step
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+
+    trainer.save_model(t.output_dir)  # adapter (gathered from all ranks under ZeRO-3)
+    if trainer.accelerator.is_main_process:
+        from mllm_tune.model_card import write_model_card
+
+        out = Path(t.output_dir)
+        trainer.processing_class.save_pretrained(out)
+        record = {"metrics": metrics, "data": info, "resumed_from": resume,
+                  "world_size": trainer.accelerator.num_processes,
+                  "log_history": trainer.state.log_history}
+        (out / METRICS_FILE).write_text(json.dumps(record, indent=2, default=str))
+        write_model_card(out, cfg, metrics, info)
+        _print_table({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if want_push:
+            from mllm_tune.push import push_adapter
+
+            repo = t.hub_model_id or out.name
+            url = push_adapter(out, repo, token=t.hub_token, private=bool(t.hub_private_repo))
+            metrics["hub_url"] = url
+    trainer.accelerator.wait_for_everyone()
+    _finish_distributed()
+    return metrics
+
+
+def _finish_distributed() -> None:
+    # Two-process DeepSpeed runs on CPU sometimes abort at exit otherwise (STACK.md).
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (RecipeError, CheckpointError) as exc:
+        logging.getLogger("mllm_tune.sft").error("%s", exc)
+        sys.exit(2)

@@ -1,0 +1,136 @@
+"""eval.metrics: IRRA/RDE definitions, chunking, the tie rule, bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from eval.metrics import positive_ranks, rank_metrics, rank_metrics_fullsort
+
+
+def plain_reference(sim, qpids, gpids, ks=(1, 5, 10)) -> dict[str, float]:
+    """Loop-by-loop definition of SPEC §3; ties by ascending gallery index."""
+    sim = np.asarray(sim, dtype=np.float64)
+    out = {f"R{k}": 0.0 for k in ks}
+    ap_sum = inp_sum = 0.0
+    for i, row in enumerate(sim):
+        order = sorted(range(len(row)), key=lambda j: (-row[j], j))
+        match = [gpids[j] == qpids[i] for j in order]
+        hits = [r for r, m in enumerate(match) if m]
+        for k in ks:
+            out[f"R{k}"] += float(hits[0] < k)
+        ap_sum += sum((n + 1) / (r + 1) for n, r in enumerate(hits)) / len(hits)
+        inp_sum += len(hits) / (hits[-1] + 1)
+    q = len(sim)
+    out = {k: v / q * 100 for k, v in out.items()}
+    out["mAP"] = ap_sum / q * 100
+    out["mINP"] = inp_sum / q * 100
+    return out
+
+
+def random_case(q: int, g: int, ids: int, seed: int, ties: bool = False):
+    rng = np.random.default_rng(seed)
+    gp = rng.integers(0, ids, g)
+    gp[:ids] = np.arange(ids)  # every identity has an image
+    qp = rng.integers(0, ids, q)
+    # a random permutation of distinct levels per row: tie-free within each row
+    sim = (rng.random((q, g)).argsort(1) / g).astype(np.float32)
+    if ties:
+        sim = np.round(sim * 4) / 4  # a handful of distinct values: ties everywhere
+    return sim, qp, gp
+
+
+def assert_close(a: dict, b: dict, tol: float = 1e-4) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert abs(a[k] - b[k]) <= tol, (k, a[k], b[k])
+
+
+@pytest.mark.parametrize("seed,q,g,ids", [(0, 37, 29, 7), (1, 120, 90, 30), (2, 200, 150, 5)])
+def test_matches_plain_reference_on_tie_free_data(seed, q, g, ids):
+    sim, qp, gp = random_case(q, g, ids, seed)
+    assert all(len(np.unique(row)) == g for row in sim)  # tie-free rows
+    ref = plain_reference(sim, qp, gp)
+    for chunk in (1, 7, None):
+        assert_close(rank_metrics(sim, qp, gp, chunk_size=chunk), ref)
+    # the public (unstable sort) implementation agrees on tie-free data
+    assert_close(rank_metrics_fullsort(sim, qp, gp, stable=False), ref)
+
+
+def test_hand_computed():
+    # gallery by descending score: g0(pid1) g1(pid0) g2(pid2) g3(pid0)
+    sim = [[0.9, 0.8, 0.7, 0.6], [0.9, 0.8, 0.7, 0.6]]
+    gp = [1, 0, 2, 0]
+    m = rank_metrics(sim, [0, 2], gp)
+    # query 0: matches at 0-based ranks 1 and 3: AP = (1/2 + 2/4) / 2 = 0.5, INP = 2/4
+    # query 1: match at rank 2: AP = 1/3, INP = 1/3
+    assert m["R1"] == 0.0 and m["R5"] == 100.0 and m["R10"] == 100.0
+    assert m["mAP"] == pytest.approx((50 + 100 / 3) / 2)
+    assert m["mINP"] == pytest.approx((50 + 100 / 3) / 2)
+    assert set(m) == {"R1", "R5", "R10", "mAP", "mINP"}
+    one = rank_metrics([[0.1, 0.2, 0.3]], [5], [5, 6, 7])  # the match is last of 3
+    assert one == pytest.approx({"R1": 0.0, "R5": 100.0, "R10": 100.0, "mAP": 100 / 3, "mINP": 100 / 3})
+
+
+def test_tie_rule_is_gallery_index_order():
+    # a positive tied with a negative ranks by gallery index
+    assert rank_metrics([[0.5, 0.5]], [0], [1, 0])["R1"] == 0.0  # negative (index 0) first
+    assert rank_metrics([[0.5, 0.5]], [0], [0, 1])["R1"] == 100.0
+    ranks, valid = positive_ranks([[0.5, 0.5, 0.5, 0.9]], [0], [1, 0, 0, 2])
+    assert ranks[0][valid[0]].tolist() == [2, 3]
+    # ties among positives alone change nothing: both orders give ranks 1 and 2
+    m = rank_metrics([[0.7, 0.5, 0.5]], [0], [1, 0, 0])
+    assert m["mAP"] == pytest.approx(100 * (1 / 2 + 2 / 3) / 2)
+
+
+def test_ties_everywhere_match_stable_reference():
+    sim, qp, gp = random_case(150, 80, 9, seed=3, ties=True)
+    ref = plain_reference(sim, qp, gp)
+    for chunk in (1, 13, None):
+        assert_close(rank_metrics(sim, qp, gp, chunk_size=chunk), ref)
+    assert_close(rank_metrics_fullsort(sim, qp, gp, stable=True), ref)
+
+
+def test_input_types_and_devices_agree():
+    sim, qp, gp = random_case(40, 30, 6, seed=4)
+    base = rank_metrics(sim, qp, gp)
+    assert_close(rank_metrics(torch.from_numpy(sim), torch.from_numpy(qp), torch.from_numpy(gp)), base)
+    assert_close(rank_metrics(sim.astype(np.float64), qp.tolist(), gp.tolist()), base)
+    assert_close(rank_metrics(sim.tolist(), qp.astype(np.float64), gp), base)
+    # half precision is widened exactly, so its own ties follow the same rule
+    half = torch.from_numpy(sim).half()
+    assert_close(rank_metrics(half, qp, gp), plain_reference(half.float().numpy(), qp, gp))
+
+
+def test_perfect_and_worst_rankings():
+    gp = np.array([0, 0, 1, 1, 2])
+    qp = np.array([0, 1, 2])
+    perfect = (qp[:, None] == gp[None, :]).astype(np.float32) + np.linspace(0, 0.01, 5, dtype=np.float32)
+    assert rank_metrics(perfect, qp, gp) == pytest.approx(
+        {"R1": 100.0, "R5": 100.0, "R10": 100.0, "mAP": 100.0, "mINP": 100.0}
+    )
+    m = rank_metrics(-perfect, qp, gp)
+    assert m["R1"] == 0.0 and m["mINP"] < 100
+
+
+def test_bad_inputs():
+    sim = np.zeros((2, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        rank_metrics(sim, [0, 1, 2], [0, 1, 2])
+    with pytest.raises(ValueError, match="shape mismatch"):
+        rank_metrics(sim, [0, 1], [0, 1])
+    with pytest.raises(ValueError, match="2-D"):
+        rank_metrics(np.zeros(3), [0], [0, 1, 2])
+    with pytest.raises(ValueError, match=r"1 of 2 queries have no image.*query 1 \(pid 9\)"):
+        rank_metrics(sim, [0, 9], [0, 1, 2])
+    with pytest.raises(ValueError, match="no image"):
+        rank_metrics_fullsort(sim, [0, 9], [0, 1, 2])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        rank_metrics(np.array([[0.1, np.nan, 0.2]]), [0], [0, 1, 2])
+    with pytest.raises(ValueError, match="integer person ids"):
+        rank_metrics(sim, [0.5, 1], [0, 1, 2])
+    with pytest.raises(ValueError, match="chunk_size"):
+        rank_metrics(sim, [0, 1], [0, 1, 2], chunk_size=0)
+    with pytest.raises(ValueError, match="empty"):
+        rank_metrics(np.zeros((0, 3)), [], [0, 1, 2])

@@ -1,0 +1,404 @@
+"""End-to-end ICL evaluation: offline retriever -> base ranking -> THI with an MLLM -> metrics.
+
+    python -m eval.icl_end2end --dataset-root DIR --dataset NAME --retriever SPEC \
+        --mllm {hf,vllm,openai,oracle} --model PATH [--adapter PATH] --out DIR [...]
+
+Prints a table like the paper's (base ranking and after each THI round) and writes to --out:
+``results.json`` (config, per-round metrics, MLLM calls per stage, cache hits, wall time per
+stage, refined-query count), ``decisions.jsonl`` (per query: T_loc answers, anchor, VQA facts,
+rewritten query), ``table.md`` and the plots (metrics vs round, λ sweep, ξ sweep, top-10 strips).
+
+Every MLLM answer goes through the on-disk answer cache (default ``OUT/cache``): rerunning the
+same command after a kill resumes without repeating a call. ``accelerate launch -m
+eval.icl_end2end ...`` (or torchrun) shards the queries: every process answers its share into the
+shared cache, then the main process replays Algorithm 1 over all queries from the cache, so the
+numbers are those of a single-process run. With no arguments it runs the embedded default
+(``default_args()``): a generated SynthPEDES test split with the simulated oracle MLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from eval.thi import GATES, THIConfig, THIResult, run_thi
+from mllm_tune.backends import BACKEND_KINDS, CachedBackend, MLLMBackend, make_backend
+from mllm_tune.prompts import load_prompts
+
+logger = logging.getLogger("eval.icl_end2end")
+
+SYNTH_BOW = "synth-bow"  # the SynthPEDES bag-of-attribute-words stand-in retriever (eval/synth_bow.py)
+METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
+
+
+def default_args() -> list[str]:
+    """The embedded default: SynthPEDES test split, simulated oracle MLLM, stand-in retriever.
+
+    Kept in one function so the demo can switch it to the models it trains."""
+    root = Path("runs/icl_end2end_default")
+    data = root / "synthpedes"
+    if not (data / "reid_raw.json").is_file():
+        from data_builders.synthetic import generate
+
+        generate(data, num_ids=150, seed=0)
+    return [
+        "--dataset-root", str(data), "--dataset", "synthpedes", "--split", "test",
+        "--retriever", SYNTH_BOW, "--mllm", "oracle", "--oracle-loc-rule", "consistent",
+        "--out", str(root / "out"),
+    ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m eval.icl_end2end", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = ap.add_argument_group("data")
+    d.add_argument("--dataset-root", required=True, help="folder holding the annotation file and imgs/")
+    d.add_argument("--dataset", default="cuhk-pedes", help="cuhk-pedes, icfg-pedes, rstpreid, ufine6926, synthpedes")
+    d.add_argument("--split", default="test", help="split whose images form the gallery")
+    d.add_argument("--query-split", default=None, help="split whose captions are the queries (default: --split)")
+    d.add_argument("--source", default=None, help="label: dataset the retriever/adapter were trained on")
+    d.add_argument("--target", default=None, help="label: dataset evaluated on (default: --dataset)")
+    m = ap.add_argument_group("models")
+    m.add_argument("--retriever", required=True,
+                   help=f"CLIP folder, irra:PATH, rde:PATH, or '{SYNTH_BOW}' (SynthPEDES stand-in, a simulation)")
+    m.add_argument("--feature-cache", default=None, help="retriever feature cache folder (default OUT/features)")
+    m.add_argument("--mllm", choices=BACKEND_KINDS, required=True)
+    m.add_argument("--model", default=None, help="hf/vllm: model folder; openai: served model name")
+    m.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder (hf, vllm)")
+    m.add_argument("--adapter-only-loc", action="store_true",
+                   help="use the adapter for T_loc only and the base weights for T_vqa/T_aggr (hf)")
+    m.add_argument("--max-new-tokens", type=int, default=256)
+    m.add_argument("--max-pixels", type=int, default=None, help="image pixel budget (hf, vllm)")
+    m.add_argument("--dtype", default="auto", help="hf/vllm weights dtype (auto, float32, bfloat16)")
+    m.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="openai: server URL")
+    m.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: environment variable holding the key")
+    m.add_argument("--concurrency", type=int, default=8, help="openai: parallel requests")
+    m.add_argument("--oracle-error-rate", type=float, default=0.0)
+    m.add_argument("--oracle-loc-rule", choices=("consistent", "identity"), default="consistent")
+    m.add_argument("--prompts", default=None, help="YAML/JSON file replacing prompt templates")
+    t = ap.add_argument_group("THI")
+    t.add_argument("--rounds", type=int, default=5, help="K")
+    t.add_argument("--xi", type=float, default=None, help="ξ (default 0.55 on ICFG-PEDES, else 0.50)")
+    t.add_argument("--lambda", dest="lam", type=float, default=0.8, help="λ")
+    t.add_argument("--gate", choices=GATES, default="released")
+    t.add_argument("--exhaustive", action="store_true", help="ask every T_loc call the released code asks")
+    t.add_argument("--batch-size", type=int, default=128, help="MLLM requests per batch")
+    o = ap.add_argument_group("output")
+    o.add_argument("--out", required=True)
+    o.add_argument("--cache-dir", default=None, help="answer cache folder (default OUT/cache)")
+    o.add_argument("--lambda-sweep", type=float, nargs="*", default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    o.add_argument("--xi-sweep", type=float, nargs="*", default=None,
+                   help="ξ values re-run through the answer cache (default ξ±0.05, ξ±0.1; empty to skip)")
+    o.add_argument("--strips", type=int, default=4, help="queries in the top-10 strip figure (0: none)")
+    o.add_argument("--no-plots", action="store_true")
+    o.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+# -- wiring ------------------------------------------------------------------------------------
+
+class _Retrieval:
+    """Base similarity, gallery features and the text encoder, whichever retriever is used."""
+
+    def __init__(self, spec: str, root: Path, gallery_paths: list[str], query_texts: list[str], cache_dir: Path):
+        t0 = time.perf_counter()
+        self.simulated = spec == SYNTH_BOW
+        if self.simulated:
+            from eval import synth_bow
+
+            self.identity = "synth-bow (SIMULATION: bag of SynthPEDES attribute words from ground truth)"
+            self.gallery = synth_bow.encode_images(root, gallery_paths)
+            self.encode_text = synth_bow.encode_texts
+        else:
+            from mllm_tune.retrievers import load_retriever
+
+            ret = load_retriever(spec)
+            self.identity = str(ret.identity)
+            try:
+                from mllm_tune.retrievers.cache import encode_gallery
+
+                self.gallery = encode_gallery(ret, gallery_paths, cache_dir)
+            except ImportError:
+                self.gallery = ret.encode_images(gallery_paths)
+            self.encode_text = ret.encode_texts
+        with torch.no_grad():
+            self.queries = self.encode_text(list(query_texts)).float()
+        self.gallery = self.gallery.float()
+        self.base = self.queries @ self.gallery.T
+        self.seconds = time.perf_counter() - t0
+
+
+def build_backend(args: argparse.Namespace, prompts) -> MLLMBackend:
+    kw: dict[str, Any] = {}
+    if args.mllm == "oracle":
+        kw = dict(dataset_root=args.dataset_root, error_rate=args.oracle_error_rate, loc_rule=args.oracle_loc_rule,
+                  prompts=prompts)
+    elif args.mllm in ("hf", "vllm"):
+        if not args.model:
+            raise SystemExit(f"--mllm {args.mllm} needs --model (a local model folder)")
+        kw = dict(model=args.model, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
+                  max_pixels=args.max_pixels, dtype=args.dtype, batch_size=args.batch_size)
+        if args.mllm == "hf":
+            kw["adapter_tasks"] = ("loc",) if args.adapter_only_loc else None
+    elif args.mllm == "openai":
+        if not args.model:
+            raise SystemExit("--mllm openai needs --model (the served model name)")
+        kw = dict(base_url=args.base_url, model=args.model, api_key=os.environ.get(args.api_key_env),
+                  concurrency=args.concurrency, max_new_tokens=args.max_new_tokens)
+    return make_backend(args.mllm, **kw)
+
+
+def check_positives(qpids: Sequence[int], gpids: Sequence[int], where: str) -> None:
+    have = set(gpids)
+    bad = [i for i, p in enumerate(qpids) if p not in have]
+    if bad:
+        raise SystemExit(
+            f"error: {len(bad)} of {len(qpids)} queries of {where} have no image of their identity in the gallery "
+            f"(first query {bad[0]}, person id {qpids[bad[0]]}); every query needs at least one gallery "
+            "positive: use the same split for queries and gallery, or a gallery split that holds their identities"
+        )
+
+
+def _dist_state():
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _metrics(S: torch.Tensor, qp, gp) -> dict[str, float]:
+    from eval.metrics import rank_metrics
+
+    return {k: round(v, 4) for k, v in rank_metrics(S, qp, gp).items()}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)  # atomic: a reader never sees a half-written results file
+
+
+def format_table(res: dict) -> str:
+    head = f"| {'setting':<22} | " + " | ".join(f"{k:>6}" for k in METRIC_KEYS) + " | refined |"
+    sep = "|" + "-" * 24 + "|" + "|".join("-" * 8 for _ in METRIC_KEYS) + "|---------|"
+    rows = [head, sep, f"| {'base (' + res['config']['retriever_short'] + ')':<22} | "
+            + " | ".join(f"{res['base'][k]:>6.2f}" for k in METRIC_KEYS) + f" | {0:>7} |"]
+    for r in res["rounds"]:
+        rows.append(f"| {'+ THI round ' + str(r['round']):<22} | " + " | ".join(f"{r[k]:>6.2f}" for k in METRIC_KEYS)
+                    + f" | {r['refined']:>7} |")
+    c = res["config"]
+    title = (f"{c['target']} ({c['split']}): {res['num_queries']} queries x {res['num_gallery']} images, "
+             f"retriever {c['retriever_short']}, MLLM {c['mllm']}, K={c['rounds']} ξ={c['xi']} λ={c['lambda']} "
+             f"gate={c['gate']}{' exhaustive' if c['exhaustive'] else ''}"
+             + (f", source {c['source']}" if c.get("source") else ""))
+    lines = [title]
+    if res["simulated"]:
+        lines.insert(0, " | ".join(res["simulation_notes"]))
+    calls = res["calls"]
+    lines += rows + [f"MLLM calls asked: loc {calls['loc']}, vqa {calls['vqa']}, aggr {calls['aggr']}; "
+                     f"sent to the backend {sum(res['backend_calls'].values())}, cache hits {sum(res['cache_hits'].values())}"]
+    return "\n".join(lines)
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
+    """Run the harness for parsed ``args``. ``backend`` overrides --mllm (tests)."""
+    from data_builders.pedes import dataset_format, load_pedes
+
+    t_start = time.perf_counter()
+    state = _dist_state()
+    rank, world = (state.process_index, state.num_processes) if state else (0, 1)
+    is_main = rank == 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
+    if is_main:
+        # a stale results.json must never pass for the result of this (possibly failing) run
+        for stale in ("results.json", "table.md"):
+            (out / stale).unlink(missing_ok=True)
+        _write_json(out / "run_state.json", {"status": "running", "argv": sys.argv, "started": time.time()})
+
+    fmt = dataset_format(args.dataset)
+    xi = args.xi if args.xi is not None else (0.55 if fmt.name == "icfg-pedes" else 0.50)
+    prompts = load_prompts(args.prompts)
+    ds = load_pedes(args.dataset_root, args.dataset)
+    gal_view = ds.split(args.split)
+    q_view = ds.split(args.query_split) if args.query_split else gal_view
+    check_positives(q_view.query_pids, gal_view.gallery_pids, f"{args.dataset_root} split '{q_view.split}'")
+    Q, G = len(q_view.query_texts), len(gal_view.gallery_paths)
+    logger.info("%d queries x %d gallery images (%s)", Q, G, args.dataset)
+
+    retrieval = _Retrieval(args.retriever, Path(args.dataset_root), gal_view.gallery_paths, q_view.query_texts,
+                           Path(args.feature_cache) if args.feature_cache else out / "features")
+    inner = backend if backend is not None else build_backend(args, prompts)
+    cached = CachedBackend(inner, cache_dir)
+    cfg = THIConfig(rounds=args.rounds, xi=xi, lam=args.lam, gate=args.gate, exhaustive=args.exhaustive,
+                    batch_size=args.batch_size)
+    progress = not args.no_progress
+    S = retrieval.base
+
+    shard_stats: list[dict] = []
+    if world > 1:
+        # every process answers its share of the queries into the shared cache ...
+        idx = list(range(rank, Q, world))
+        part = run_thi(S[idx], [q_view.query_texts[i] for i in idx], gal_view.gallery_paths, cached, None, None,
+                       cfg, prompts, progress=progress and is_main)
+        _write_json(out / f"shard_{rank}.json", {"rank": rank, "queries": len(idx), **cached.stats(),
+                                                 "stage_seconds": part.stage_seconds})
+        state.wait_for_everyone()
+        if not is_main:
+            cached.close()
+            return {}
+        shard_stats = [json.loads((out / f"shard_{r}.json").read_text()) for r in range(world)]
+        cached.reset_counters()
+    # ... and the main process runs Algorithm 1 over all queries (from the cache when sharded)
+    res = run_thi(S, q_view.query_texts, gal_view.gallery_paths, cached, retrieval.encode_text, retrieval.gallery,
+                  cfg, prompts, progress=progress)
+    stats = cached.stats()
+    if shard_stats:
+        if sum(stats["backend_calls"].values()):
+            logger.warning("the main process needed %d calls the shards did not make", sum(stats["backend_calls"].values()))
+        for key in ("backend_calls", "cache_hits"):
+            merged: dict[str, int] = {}
+            for s in shard_stats + [stats]:
+                for t, v in s[key].items():
+                    merged[t] = merged.get(t, 0) + v
+            stats[key] = merged
+
+    t0 = time.perf_counter()
+    qp, gp = q_view.query_pids, gal_view.gallery_pids
+    base_m = _metrics(S, qp, gp)
+    rounds = []
+    for r in range(cfg.rounds):
+        rounds.append({"round": r + 1, **_metrics(res.scores(r), qp, gp), "refined": res.refined_count(r)})
+    t_metrics = time.perf_counter() - t0
+    lam_sweep = [{"lambda": lam, **_metrics(res.scores(lam=lam), qp, gp)} for lam in args.lambda_sweep]
+
+    xis = args.xi_sweep if args.xi_sweep is not None else [round(xi + d, 4) for d in (-0.1, -0.05, 0.05, 0.1)]
+    xi_sweep = []
+    sweep_calls_before = sum(cached.calls.values())
+    for x in xis:
+        r_x = run_thi(S, q_view.query_texts, gal_view.gallery_paths, cached, retrieval.encode_text, retrieval.gallery,
+                      THIConfig(rounds=cfg.rounds, xi=x, lam=cfg.lam, gate=cfg.gate, exhaustive=cfg.exhaustive,
+                                batch_size=cfg.batch_size), prompts, progress=False)
+        xi_sweep.append({"xi": x, **_metrics(r_x.scores(), qp, gp), "refined": r_x.refined_count()})
+    if any(abs(x["xi"] - xi) < 1e-12 for x in xi_sweep) is False:
+        xi_sweep.append({"xi": xi, **rounds[-1]})
+        xi_sweep[-1].pop("round", None)
+    xi_sweep.sort(key=lambda e: e["xi"])
+    sweep_calls = sum(cached.calls.values()) - sweep_calls_before
+
+    identity = inner.identity()
+    simulated = bool(inner.simulated or retrieval.simulated)
+    notes = []
+    if inner.simulated:
+        notes.append(identity.get("label", "simulated MLLM backend"))
+    if retrieval.simulated:
+        notes.append(retrieval.identity)
+    config = {
+        "dataset": fmt.name, "dataset_root": str(args.dataset_root), "split": gal_view.split,
+        "query_split": q_view.split, "source": args.source, "target": args.target or args.dataset,
+        "retriever": args.retriever, "retriever_identity": retrieval.identity,
+        "retriever_short": Path(args.retriever).name or args.retriever,
+        "mllm": args.mllm, "model": args.model, "adapter": args.adapter, "adapter_only_loc": args.adapter_only_loc,
+        "backend_identity": identity, "rounds": cfg.rounds, "xi": xi, "lambda": cfg.lam, "gate": cfg.gate,
+        "exhaustive": cfg.exhaustive, "batch_size": cfg.batch_size, "processes": world,
+        "prompts": args.prompts or "default", "cache_dir": str(cache_dir),
+    }
+    results = {
+        "complete": True,
+        "simulated": simulated,
+        "simulation_notes": notes,
+        "config": config,
+        "num_queries": Q,
+        "num_gallery": G,
+        "base": base_m,
+        "rounds": rounds,
+        "refined": res.refined_count(),
+        "calls": res.calls,
+        "backend_calls": stats["backend_calls"],
+        "cache_hits": stats["cache_hits"],
+        "xi_sweep_backend_calls": sweep_calls,
+        "wall_seconds": {
+            "retriever_encode": round(retrieval.seconds, 3),
+            **{f"thi_{k}": v for k, v in res.stage_seconds.items()},
+            **({"shard_thi_max": {k: max(s["stage_seconds"][k] for s in shard_stats) for k in res.stage_seconds}}
+               if shard_stats else {}),
+            "metrics": round(t_metrics, 3),
+            "total": round(time.perf_counter() - t_start, 3),
+        },
+        "lambda_sweep": lam_sweep,
+        "xi_sweep": xi_sweep,
+    }
+    write_decisions(out / "decisions.jsonl", res, q_view, gal_view)
+    table = format_table(results)
+    (out / "table.md").write_text(table + "\n", encoding="utf-8")
+    if not args.no_plots:
+        results["figures"] = make_plots(out, results, res, q_view, gal_view, args.strips)
+    results["wall_seconds"]["total"] = round(time.perf_counter() - t_start, 3)
+    _write_json(out / "results.json", results)
+    _write_json(out / "run_state.json", {"status": "complete", "finished": time.time()})
+    print(table)
+    cached.close()
+    return results
+
+
+def write_decisions(path: Path, res: THIResult, q_view, gal_view) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for d in res.decisions:
+            row = {"query": d.query, "caption": q_view.query_texts[d.query], "pid": q_view.query_pids[d.query],
+                   **{k: v for k, v in d.to_dict().items() if k != "query"},
+                   "anchor_path": gal_view.gallery_paths[d.anchor] if d.anchor is not None else None,
+                   "anchor_correct": (gal_view.gallery_pids[d.anchor] == q_view.query_pids[d.query])
+                   if d.anchor is not None else None}
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def make_plots(out: Path, results: dict, res: THIResult, q_view, gal_view, n_strips: int) -> dict[str, str]:
+    from eval import plots
+
+    label = "SIMULATION" if results["simulated"] else None
+    figs = {"metrics_vs_round": plots.metrics_vs_round(results["base"], results["rounds"], out / "metrics_vs_round.png", label)}
+    if results["lambda_sweep"]:
+        figs["lambda_sweep"] = plots.sweep([e["lambda"] for e in results["lambda_sweep"]], results["lambda_sweep"],
+                                           out / "lambda_sweep.png", "λ", results["base"], label)
+    if len(results["xi_sweep"]) > 1:
+        figs["xi_sweep"] = plots.sweep([e["xi"] for e in results["xi_sweep"]], results["xi_sweep"],
+                                       out / "xi_sweep.png", "ξ", results["base"], label)
+    if n_strips > 0 and res.refined:
+        # prefer queries whose top-1 changed
+        after = res.scores()
+        changed = [q for q in res.refined if int(res.base[q].argmax()) != int(after[q].argmax())]
+        pick = (changed + [q for q in res.refined if q not in changed])[:n_strips]
+        figs["top10_strips"] = plots.topk_strips(res.base, after, pick, q_view.query_texts, q_view.query_pids,
+                                                 gal_view.gallery_paths, gal_view.gallery_pids,
+                                                 out / "top10_strips.png", label=label)
+    return {k: str(v) for k, v in figs.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not argv:
+        argv = default_args()
+        print("No arguments: running the embedded default on a generated SynthPEDES test split with the "
+              "SIMULATED oracle MLLM and the synth-bow stand-in retriever (not trained models).\n  "
+              + " ".join(argv))
+    args = build_parser().parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()

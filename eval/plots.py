@@ -1,0 +1,97 @@
+"""Figures of the end-to-end THI run (matplotlib, Agg): metrics vs round (paper Fig. 6),
+λ sweep, ξ sweep (Fig. 5) and top-10 strips before/after THI (Fig. 7)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+KEYS = ("R1", "R5", "R10", "mAP", "mINP")
+
+
+def _finish(fig, ax, path: Path, title: str, label: str | None) -> Path:
+    ax.set_title(title + (f"\n{label}" if label else ""), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def metrics_vs_round(base: dict, rounds: Sequence[dict], path: str | Path, label: str | None = None) -> Path:
+    """Each metric for the base ranking (round 0 on the x axis) and after each THI round."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    xs = list(range(len(rounds) + 1))
+    for k in KEYS:
+        ax.plot(xs, [base[k]] + [r[k] for r in rounds], marker="o", label=k)
+    ax.set_xlabel("THI rounds done (0 = base ranking)")
+    ax.set_ylabel("%")
+    ax.set_xticks(xs)
+    return _finish(fig, ax, Path(path), "Metrics vs THI round", label)
+
+
+def sweep(xs: Sequence[float], metrics: Sequence[dict], path: str | Path, name: str, base: dict | None = None,
+          label: str | None = None) -> Path:
+    """R1 and mAP against a swept parameter (λ or ξ); the base ranking as dashed lines."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for k, c in (("R1", "C0"), ("mAP", "C1")):
+        ax.plot(xs, [m[k] for m in metrics], marker="o", color=c, label=f"THI {k}")
+        if base is not None:
+            ax.axhline(base[k], color=c, ls="--", lw=1, label=f"base {k}")
+    ax.set_xlabel(name)
+    ax.set_ylabel("%")
+    return _finish(fig, ax, Path(path), f"{name} sweep (after the last round)", label)
+
+
+def topk_strips(
+    before: torch.Tensor,
+    after: torch.Tensor,
+    queries: Sequence[int],
+    query_texts: Sequence[str],
+    query_pids: Sequence[int],
+    gallery_paths: Sequence[str],
+    gallery_pids: Sequence[int],
+    path: str | Path,
+    k: int = 10,
+    label: str | None = None,
+) -> Path:
+    """For each query, its top-k before and after THI; green frame = same identity."""
+    from PIL import Image
+
+    queries = list(queries)
+    fig, axes = plt.subplots(2 * len(queries), k, figsize=(k * 0.9, 2 * len(queries) * 1.75), squeeze=False)
+    for qi, q in enumerate(queries):
+        for row, (name, S) in enumerate((("before", before), ("after", after))):
+            top = torch.sort(S[q], descending=True, stable=True).indices[:k].tolist()
+            for j, g in enumerate(top):
+                ax = axes[2 * qi + row][j]
+                with Image.open(gallery_paths[g]) as im:
+                    ax.imshow(im.convert("RGB"))
+                ok = gallery_pids[g] == query_pids[q]
+                for s in ax.spines.values():
+                    s.set_edgecolor("green" if ok else "red")
+                    s.set_linewidth(3)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if j == 0:
+                    ax.set_ylabel(name, fontsize=7)
+            if row == 0:
+                text = query_texts[q]
+                axes[2 * qi][0].set_title(f"q{q}: {text[:110]}{'...' if len(text) > 110 else ''}", fontsize=7,
+                                          loc="left")
+    fig.suptitle("Top-%d before / after THI (green = correct identity)%s" % (k, f"\n{label}" if label else ""),
+                 fontsize=9)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.01, top=0.92, wspace=0.06, hspace=0.35)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

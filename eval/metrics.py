@@ -234,14 +234,16 @@ def rank_metrics_fullsort(
     Q x G matrices at once, so do not use it on large inputs.
     """
     sim, q, g = _check_inputs(similarity, query_pids, gallery_pids)
-    order = torch.sort(sim, dim=1, descending=True, stable=stable).indices
+    order = torch.argsort(sim, dim=1, descending=True, stable=stable)
     match = g[order] == q.unsqueeze(1)
+    del order
     n_pos = match.sum(1)
     if bool((n_pos == 0).any()):
         raise _missing_positive_error(q, n_pos == 0)
-    cum = match.cumsum(1).to(torch.float64)
-    ranks1 = torch.arange(1, sim.shape[1] + 1, dtype=torch.float64)
-    ap = ((cum / ranks1) * match).sum(1) / n_pos
+    prec = match.cumsum(1).to(torch.float32)  # matches so far at each rank
+    prec.div_(torch.arange(1, sim.shape[1] + 1, dtype=torch.float32, device=sim.device)).mul_(match)
+    ap = prec.sum(1, dtype=torch.float64) / n_pos
+    del prec
     last = sim.shape[1] - 1 - match.flip(1).to(torch.int8).argmax(1)
     inp = n_pos.to(torch.float64) / (last.to(torch.float64) + 1.0)
     out = {f"R{k}": float(match[:, :k].any(1).double().mean() * 100) for k in ks}

@@ -1,0 +1,70 @@
+"""Each bench entry starts (smoke sizes), and the runner writes what it should, where it should."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+
+import bench
+from bench import __main__ as runner
+
+
+@pytest.mark.parametrize("name", bench.discover())
+def test_bench_entry_starts(name):
+    res = importlib.import_module(f"bench.bench_{name}").run(smoke=True)
+    assert isinstance(res["title"], str) and res["title"]
+    assert isinstance(res["markdown"], str) and "|" in res["markdown"]
+    assert isinstance(res["figures"], dict) and res["figures"]
+
+
+def test_metrics_bench_is_discovered():
+    assert "metrics" in bench.discover()
+
+
+def _fake(name, smoke):
+    return {"title": f"T-{name}", "markdown": f"| a |\n|---|\n| {name} {smoke} |", "figures": {"x": 1}, "ok": True,
+            "seconds": 0.0}
+
+
+def test_runner_writes_sections_and_merges_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "discover", lambda: ["alpha", "beta"])
+    monkeypatch.setattr(runner, "run_one", _fake)
+    res_json, md = tmp_path / "results.json", tmp_path / "RESULTS.md"
+    paths = ["--results", str(res_json), "--markdown", str(md)]
+    out = runner.main(paths)
+    assert out["failed"] == [] and set(out["sections"]) == {"alpha", "beta"}
+    text = md.read_text()
+    assert "## T-alpha" in text and "## T-beta" in text and "python -m bench" in text
+    assert "CPUs" in text and "torch" in text  # machine info
+    stored = json.loads(res_json.read_text())
+    stored["beta"]["markdown"] = "| old beta |"
+    res_json.write_text(json.dumps(stored))
+    runner.main(["--only", "alpha", *paths])
+    text = md.read_text()
+    assert "| old beta |" in text  # --only keeps the other sections
+    assert "python -m bench --only alpha" in text
+
+
+def test_runner_smoke_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "discover", lambda: ["alpha"])
+    monkeypatch.setattr(runner, "run_one", _fake)
+    out = runner.main(["--smoke", "--results", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "R.md")])
+    assert out["sections"]["alpha"]["figures"] == {"x": 1}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_runner_rejects_unknown_name(monkeypatch):
+    monkeypatch.setattr(runner, "discover", lambda: ["alpha"])
+    with pytest.raises(SystemExit):
+        runner.main(["--smoke", "--only", "nope"])
+
+
+def test_failing_bench_is_reported_not_raised(monkeypatch):
+    def boom(smoke=False):
+        raise RuntimeError("kaput")
+
+    monkeypatch.setattr(importlib, "import_module", lambda name: type("M", (), {"run": staticmethod(boom)}))
+    sec = runner.run_one("whatever", smoke=True)
+    assert sec["ok"] is False and "kaput" in sec["markdown"]

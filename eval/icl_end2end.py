@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 
 from eval.thi import GATES, THIConfig, THIResult, run_thi
-from mllm_tune.backends import BACKEND_KINDS, CachedBackend, MLLMBackend, make_backend
+from mllm_tune.backends import BACKEND_KINDS, BackendError, CachedBackend, MLLMBackend, make_backend
 from mllm_tune.prompts import load_prompts
 
 logger = logging.getLogger("eval.icl_end2end")
@@ -397,7 +397,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
               "SIMULATED oracle MLLM and the synth-bow stand-in retriever (not trained models).\n  "
               + " ".join(argv))
     args = build_parser().parse_args(argv)
-    return run(args)
+    try:
+        return run(args)
+    except BackendError as exc:  # a clear one-line error, and no results.json (see run)
+        raise SystemExit(f"error: {exc}") from exc
 
 
 if __name__ == "__main__":

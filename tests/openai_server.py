@@ -1,0 +1,98 @@
+"""A local OpenAI-compatible chat-completions server on 127.0.0.1 that answers like the oracle.
+
+Used by the openai backend tests: ``OracleServer(dataset_root)`` starts in a thread on a free
+port; images arrive as base64 data URLs and are matched to SynthPEDES files by their bytes; the
+task is recognised from the prompt. ``fail_first`` makes the first N completions answer 503 to
+exercise retries. Run by hand: ``python tests/openai_server.py DATASET_ROOT [PORT]``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from mllm_tune.backends import MLLMRequest
+from mllm_tune.backends.oracle import OracleBackend
+from mllm_tune.prompts import DEFAULT_PROMPTS
+
+
+class OracleServer:
+    def __init__(self, dataset_root: str | Path, model: str = "oracle", port: int = 0, fail_first: int = 0,
+                 loc_rule: str = "identity") -> None:
+        self.oracle = OracleBackend(dataset_root, loc_rule=loc_rule)
+        self.model = model
+        self.by_hash = {hashlib.sha256(p.read_bytes()).hexdigest(): str(p)
+                        for p in (Path(dataset_root) / "imgs").rglob("*.png")}
+        self.fail_left = fail_first
+        self.completions = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):  # keep test output clean
+                pass
+
+            def _send(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path.rstrip("/").endswith("/models"):
+                    self._send(200, {"object": "list", "data": [{"id": server.model, "object": "model"}]})
+                else:
+                    self._send(404, {"error": "not found"})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    if server.fail_left > 0:
+                        server.fail_left -= 1
+                        return self._send(503, {"error": "busy, retry"})
+                    server.completions += 1
+                if body.get("model") != server.model:
+                    return self._send(404, {"error": f"model {body.get('model')} not served"})
+                answer = server.answer(body["messages"][-1]["content"])
+                self._send(200, {"object": "chat.completion", "model": server.model, "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}]})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self.httpd.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def answer(self, content: list[dict]) -> str:
+        image, prompt = None, ""
+        for part in content:
+            if part["type"] == "image_url":
+                raw = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+                image = self.by_hash[hashlib.sha256(raw).hexdigest()]
+            elif part["type"] == "text":
+                prompt = part["text"]
+        if image is None:
+            task = "aggr"
+        else:
+            task = "vqa" if prompt == DEFAULT_PROMPTS.render_vqa() else "loc"
+        return self.oracle.generate([MLLMRequest(task, prompt, image)])[0]
+
+    def __enter__(self) -> "OracleServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+if __name__ == "__main__":
+    with OracleServer(sys.argv[1], port=int(sys.argv[2]) if len(sys.argv) > 2 else 8000) as s:
+        print(f"serving the oracle at {s.base_url}")
+        s.thread.join()

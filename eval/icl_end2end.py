@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default=None, help="hf/vllm: model folder; openai: served model name")
     m.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder (hf, vllm)")
     m.add_argument("--adapter-only-loc", action="store_true",
-                   help="use the adapter for T_loc only and the base weights for T_vqa/T_aggr (hf)")
+                   help="use the adapter for T_loc only and the base weights for T_vqa/T_aggr (hf, vllm)")
     m.add_argument("--max-new-tokens", type=int, default=256)
     m.add_argument("--max-pixels", type=int, default=None, help="image pixel budget (hf, vllm)")
     m.add_argument("--dtype", default="auto", help="hf/vllm weights dtype (auto, float32, bfloat16)")
@@ -145,9 +145,8 @@ def build_backend(args: argparse.Namespace, prompts) -> MLLMBackend:
         if not args.model:
             raise SystemExit(f"--mllm {args.mllm} needs --model (a local model folder)")
         kw = dict(model=args.model, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
-                  max_pixels=args.max_pixels, dtype=args.dtype, batch_size=args.batch_size)
-        if args.mllm == "hf":
-            kw["adapter_tasks"] = ("loc",) if args.adapter_only_loc else None
+                  max_pixels=args.max_pixels, dtype=args.dtype, batch_size=args.batch_size,
+                  adapter_tasks=("loc",) if args.adapter_only_loc else None)
     elif args.mllm == "openai":
         if not args.model:
             raise SystemExit("--mllm openai needs --model (the served model name)")

@@ -257,6 +257,7 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
         state.wait_for_everyone()
         if not is_main:
             cached.close()
+            _destroy_group()
             return {}
         shard_stats = [json.loads((out / f"shard_{r}.json").read_text()) for r in range(world)]
         cached.reset_counters()
@@ -267,9 +268,10 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
     if shard_stats:
         if sum(stats["backend_calls"].values()):
             logger.warning("the main process needed %d calls the shards did not make", sum(stats["backend_calls"].values()))
+        stats["main_replay_hits"] = stats["cache_hits"]
         for key in ("backend_calls", "cache_hits"):
             merged: dict[str, int] = {}
-            for s in shard_stats + [stats]:
+            for s in shard_stats + [stats if key == "backend_calls" else {key: {}}]:
                 for t, v in s[key].items():
                     merged[t] = merged.get(t, 0) + v
             stats[key] = merged
@@ -327,6 +329,7 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
         "calls": res.calls,
         "backend_calls": stats["backend_calls"],
         "cache_hits": stats["cache_hits"],
+        **({"main_replay_hits": stats["main_replay_hits"]} if shard_stats else {}),
         "xi_sweep_backend_calls": sweep_calls,
         "wall_seconds": {
             "retriever_encode": round(retrieval.seconds, 3),
@@ -349,7 +352,14 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
     _write_json(out / "run_state.json", {"status": "complete", "finished": time.time()})
     print(table)
     cached.close()
+    _destroy_group()
     return results
+
+
+def _destroy_group() -> None:
+    # an explicit teardown avoids rare aborts at interpreter exit after a multi-process run
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def write_decisions(path: Path, res: THIResult, q_view, gal_view) -> None:

@@ -87,3 +87,30 @@ def test_queries_without_gallery_positive_fail_clearly(synth_root, tmp_path):
     with pytest.raises(SystemExit, match="no image of their identity in the gallery"):
         main(_argv(synth_root, tmp_path / "bad", "--query-split", "val"))
     assert not (tmp_path / "bad" / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_accelerate_two_processes_match_one(synth_root, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    one = main(_argv(synth_root, tmp_path / "one", "--no-plots"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "eval.icl_end2end", *_argv(synth_root, tmp_path / "two", "--no-plots")]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["config"]["processes"] == 2  # really two processes
+    shards = [json.loads((tmp_path / "two" / f"shard_{r}.json").read_text()) for r in range(2)]
+    assert all(s["queries"] > 0 for s in shards) and sum(s["queries"] for s in shards) == two["num_queries"]
+    assert two["base"] == one["base"] and two["rounds"] == one["rounds"] and two["calls"] == one["calls"]
+    assert sum(two["main_replay_hits"].values()) > 0 and sum(two["backend_calls"].values()) > 0

@@ -128,9 +128,10 @@ class _Retrieval:
                 self.gallery = encode_gallery(ret, gallery_paths, cache_dir)
             except ImportError:
                 self.gallery = ret.encode_images(gallery_paths)
-            self.encode_text = ret.encode_texts
+            self.encode_text = lambda texts: ret.encode_texts(texts, progress=False)
         with torch.no_grad():
-            self.queries = self.encode_text(list(query_texts)).float()
+            self.queries = (self.encode_text(list(query_texts)) if self.simulated
+                            else ret.encode_texts(list(query_texts))).float()
         self.gallery = self.gallery.float()
         self.base = self.queries @ self.gallery.T
         self.seconds = time.perf_counter() - t0
@@ -237,8 +238,12 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
     Q, G = len(q_view.query_texts), len(gal_view.gallery_paths)
     logger.info("%d queries x %d gallery images (%s)", Q, G, args.dataset)
 
+    if state is not None and not is_main:
+        state.wait_for_everyone()  # the main process fills the feature cache first; the others read it
     retrieval = _Retrieval(args.retriever, Path(args.dataset_root), gal_view.gallery_paths, q_view.query_texts,
                            Path(args.feature_cache) if args.feature_cache else out / "features")
+    if state is not None and is_main:
+        state.wait_for_everyone()
     inner = backend if backend is not None else build_backend(args, prompts)
     cached = CachedBackend(inner, cache_dir)
     cfg = THIConfig(rounds=args.rounds, xi=xi, lam=args.lam, gate=args.gate, exhaustive=args.exhaustive,

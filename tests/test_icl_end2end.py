@@ -114,3 +114,14 @@ def test_accelerate_two_processes_match_one(synth_root, tmp_path):
     assert all(s["queries"] > 0 for s in shards) and sum(s["queries"] for s in shards) == two["num_queries"]
     assert two["base"] == one["base"] and two["rounds"] == one["rounds"] and two["calls"] == one["calls"]
     assert sum(two["main_replay_hits"].values()) > 0 and sum(two["backend_calls"].values()) > 0
+
+
+def test_with_a_clip_retriever_folder(synth_root, tiny_clip, tmp_path):
+    argv = ["--dataset-root", str(synth_root), "--dataset", "synthpedes", "--retriever", str(tiny_clip),
+            "--mllm", "oracle", "--out", str(tmp_path / "o"), "--no-progress", "--no-plots", "--xi-sweep",
+            "--xi", "-1", "--source", "synthpedes-train", "--target", "synthpedes-test"]
+    res = main(argv)
+    assert res["complete"] and res["config"]["source"] == "synthpedes-train"
+    assert any((tmp_path / "o" / "features").iterdir())  # gallery features cached for the next run
+    assert res["refined"] > 0  # ξ = -1: every top-1 is above ξ, so round 0 decides (oracle Yes -> refined)
+    assert res["calls"]["loc"] == res["num_queries"]  # minimal mode: one T_loc per query

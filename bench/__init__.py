@@ -137,7 +137,7 @@ def machine_info() -> dict[str, Any]:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         pass
-    info["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    info["load_average"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     return info
 
 

@@ -176,31 +176,36 @@ def is_yes(answer: str) -> bool:
 
 
 _NUMBERED = re.compile(r"^\s*(?:\(?\d{1,2}[\.\):]|[-*\u2022])\s*")
+# an answer number inside a line: "... hair. 3. Red coat" or "1. Woman 2. Long hair"
+_INLINE_NUMBER = re.compile(r"(?:^|\s+)\(?\d{1,2}[\.\):](?=\s|$)")
 _YESNO_PREFIX = re.compile(r"^(?:yes|no)\s*[,\.:;!-]\s*", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_EMPTY_FACTS = {"yes", "no", "n/a", "none", "unknown"}
 
 
 def split_answer_sentences(answer: str) -> list[str]:
     """Turn a (numbered) VQA answer into short standalone sentences.
 
-    Robust to numbered lines ("1. ...", "2) ..."), bullets, missing numbers, several answers
-    on one line, and "Yes, ..." / "No, ..." prefixes (the prefix is dropped, the fact kept).
-    A bare "Yes"/"No" line carries no standalone fact and is dropped; so are empty lines.
+    Robust to numbered lines ("1. ...", "2) ..."), several numbered answers on one line,
+    bullets, missing numbers, "Yes, ..." / "No, ..." prefixes (the prefix is dropped, the fact
+    kept) and preamble lines such as "Here are the answers:". A bare "Yes"/"No" carries no
+    standalone fact and is dropped; so are empty lines.
     """
     out: list[str] = []
     for raw in (answer or "").splitlines():
-        line = _NUMBERED.sub("", raw).strip()
-        if not line:
+        line = raw.strip()
+        if not line or line.endswith(":"):
             continue
-        for part in _SENTENCE_END.split(line):
-            part = _NUMBERED.sub("", part).strip()
-            part = _YESNO_PREFIX.sub("", part).strip()
-            if not part or part.rstrip(".!").strip().lower() in {"yes", "no", "n/a", "none", "unknown"}:
-                continue
-            part = part[0].upper() + part[1:]
-            if part[-1] not in ".!?":
-                part += "."
-            out.append(part)
+        for segment in _INLINE_NUMBER.split(line):
+            for part in _SENTENCE_END.split(segment.strip()):
+                part = _NUMBERED.sub("", part).strip()
+                part = _YESNO_PREFIX.sub("", part).strip()
+                if not part or part.rstrip(".!").strip().lower() in _EMPTY_FACTS:
+                    continue
+                part = part[0].upper() + part[1:]
+                if part[-1] not in ".!?":
+                    part += "."
+                out.append(part)
     return out
 
 

@@ -41,21 +41,17 @@ def test_split_answer_sentences(answer, expected):
     assert split_answer_sentences(answer) == expected
 
 
-# Failing cases of the parser (reported to the owner of mllm_tune/prompts.py). strict: once fixed,
-# these XPASS and fail, so the marker gets removed.
-@pytest.mark.xfail(strict=True, reason="inline numbering without a full stop before it is not split")
+# Answers with several numbered items on one line, or a preamble header (seen from real MLLMs).
 def test_split_inline_numbering_without_full_stops():
     assert split_answer_sentences("1. Woman 2. Long hair 3. Red coat") == ["Woman.", "Long hair.", "Red coat."]
 
 
-@pytest.mark.xfail(strict=True, reason="a sentence followed by a number ('... people. 11. Walking') is not split")
 def test_split_numbered_answers_on_one_line():
     assert split_answer_sentences("10. There are 2 people. 11. Walking.") == ["There are 2 people.", "Walking."]
     assert split_answer_sentences("2. She wears a T-shirt. 3. the trousers are blue.") == [
         "She wears a T-shirt.", "The trousers are blue."]
 
 
-@pytest.mark.xfail(strict=True, reason="a preamble line ending in ':' is kept as a fact ('Here are the answers:.')")
 def test_split_drops_preamble_header():
     out = split_answer_sentences("Here are the answers:\n1. A man.\n2. Short brown hair.")
     assert out == ["A man.", "Short brown hair."]

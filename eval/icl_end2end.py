@@ -82,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: environment variable holding the key")
     m.add_argument("--concurrency", type=int, default=8, help="openai: parallel requests")
     m.add_argument("--oracle-error-rate", type=float, default=0.0)
-    m.add_argument("--oracle-loc-rule", choices=("consistent", "identity"), default="consistent")
+    m.add_argument("--oracle-loc-rule", choices=("consistent", "identity"), default="consistent",
+                   help="oracle T_loc: Yes when the caption's facts fit the image (consistent) or when it is the "
+                        "caption's own identity (identity)")
+    m.add_argument("--oracle-latency", type=float, default=0.0, help="oracle: simulated seconds per request")
     m.add_argument("--prompts", default=None, help="YAML/JSON file replacing prompt templates")
     t = ap.add_argument_group("THI")
     t.add_argument("--rounds", type=int, default=5, help="K")
@@ -141,7 +144,7 @@ def build_backend(args: argparse.Namespace, prompts) -> MLLMBackend:
     kw: dict[str, Any] = {}
     if args.mllm == "oracle":
         kw = dict(dataset_root=args.dataset_root, error_rate=args.oracle_error_rate, loc_rule=args.oracle_loc_rule,
-                  prompts=prompts)
+                  prompts=prompts, latency=args.oracle_latency)
     elif args.mllm in ("hf", "vllm"):
         if not args.model:
             raise SystemExit(f"--mllm {args.mllm} needs --model (a local model folder)")

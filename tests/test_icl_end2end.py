@@ -125,3 +125,39 @@ def test_with_a_clip_retriever_folder(synth_root, tiny_clip, tmp_path):
     assert any((tmp_path / "o" / "features").iterdir())  # gallery features cached for the next run
     assert res["refined"] > 0  # ξ = -1: every top-1 is above ξ, so round 0 decides (oracle Yes -> refined)
     assert res["calls"]["loc"] == res["num_queries"]  # minimal mode: one T_loc per query
+
+
+@pytest.mark.slow
+def test_sigkilled_process_resumes_from_cache(synth_root, tmp_path):
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    extra = ("--batch-size", "4", "--no-plots", "--xi-sweep", "--oracle-latency", "0.02")
+    ref = main(_argv(synth_root, tmp_path / "ref", *extra))
+    total = sum(ref["backend_calls"].values())
+    out = tmp_path / "k"
+    proc = subprocess.Popen([sys.executable, "-m", "eval.icl_end2end", *_argv(synth_root, out, *extra)],
+                            cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = out / "cache" / "answers.sqlite"
+    rows, deadline = 0, time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        if db.exists():
+            with sqlite3.connect(db, timeout=30) as con:
+                rows = con.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+            if rows >= 12:
+                break
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.json").exists()
+    with sqlite3.connect(db) as con:
+        kept = con.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+    assert 12 <= kept < total
+    res = main(_argv(synth_root, out, *extra))
+    assert sum(res["backend_calls"].values()) == total - kept  # nothing asked twice
+    assert res["rounds"] == ref["rounds"] and res["calls"] == ref["calls"]

@@ -25,6 +25,7 @@ import hashlib
 import json
 import random
 import re
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -68,6 +69,7 @@ class OracleBackend(MLLMBackend):
         seed: int = 0,
         loc_rule: str = "consistent",
         prompts: PromptSet = DEFAULT_PROMPTS,
+        latency: float = 0.0,
         **_: Any,
     ) -> None:
         if loc_rule not in LOC_RULES:
@@ -87,6 +89,7 @@ class OracleBackend(MLLMBackend):
         self.seed = int(seed)
         self.loc_rule = loc_rule
         self.prompts = prompts
+        self.latency = float(latency)  # seconds per request: simulates an MLLM's cost (benchmarks, kill tests)
         self._img_dir = (self.root / "imgs").resolve()
         self._image_id: dict[str, int] = {}
         # caption text -> [(id, facts)]; the same text can be written for several ids
@@ -187,4 +190,6 @@ class OracleBackend(MLLMBackend):
 
     def generate(self, requests: Sequence[MLLMRequest]) -> list[str]:
         handlers = {"loc": self._loc, "vqa": self._vqa, "aggr": self._aggr, "dec": self._dec, "rwt": self._rwt}
+        if self.latency:
+            time.sleep(self.latency * len(requests))
         return [handlers[r.task](r) for r in requests]

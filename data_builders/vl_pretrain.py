@@ -1,0 +1,404 @@
+"""SynthPEDES-VL pre-training data: VQA, aggregation, attribute yes/no and matching rows.
+
+    python -m data_builders.vl_pretrain --dataset-root SYNTH --out DATA --stage matching --num-samples 60000
+
+reads a SynthPEDES folder (``reid_raw.json`` + ``attributes.json``, written by
+``python -m data_builders.synthetic``) and writes a ``datasets`` DatasetDict (``save_to_disk``,
+split ``train``) in TRL's vision conversational format: ``messages`` (user: [image, text] or
+[text]; assistant: [text]) and ``images`` (a list of absolute image path strings, empty for
+text-only rows), plus the metadata columns ``length`` (a rough token count for
+``train_sampling_strategy: group_by_length``), ``task``, ``label``, ``image_pid``.
+
+Only identities of the TRAIN split are used, so the test split stays held out for evaluation.
+Every answer comes from the generator's ground truth. Tasks (``TASKS``):
+
+- ``vqa_full``: the full human-centred prompt (T_vqa) -> the 15 numbered answer sentences;
+- ``vqa_single``: one aspect question -> its answer sentence;
+- ``attr_yesno``: a generic attribute question ("Is the upper-body garment red?") -> Yes/No,
+  balanced;
+- ``loc_easy`` / ``loc_hard``: the anchor-localization prompt T_loc with a caption -> Yes/No.
+  Positives are the identity's own captions (a fresh caption of its attributes or an annotated
+  one). Easy negatives are captions of another train identity that contradict the image; hard
+  negatives are captions of the same identity with one or two mentioned attributes changed
+  (a counterfactual person), so only comparing attribute by attribute tells them apart;
+- ``aggr``: text only, T_aggr(caption, facts) -> the merged description.
+
+Stages (``STAGES``) set the task mix: ``attributes`` (recognition and single-attribute yes/no,
+captions with one attribute group) first, then ``matching`` (mostly T_loc, easy and hard).
+Everything is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Sequence
+
+from data_builders.synthetic import (
+    BAG_COLORS,
+    BAG_TYPES,
+    GROUP_KEYS,
+    HAIR_COLORS,
+    LOWER_COLORS,
+    LOWER_TYPES,
+    SHOE_COLORS,
+    UPPER_COLORS,
+    UPPER_TYPES,
+    PersonAttributes,
+    _phrases,
+    consistent,
+    load_ground_truth,
+    make_caption,
+    mentioned_facts,
+    vqa_answers,
+)
+from mllm_tune.prompts import DEFAULT_PROMPTS, PromptSet
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("vqa_full", "vqa_single", "attr_yesno", "loc_easy", "loc_hard", "aggr")
+
+# Task weights per curriculum stage. "attributes" teaches what is in the image and the Yes/No
+# answer on one attribute at a time; "matching" teaches the T_loc conjunction, keeping some
+# attribute rows so recognition is not forgotten.
+STAGES: dict[str, dict[str, float]] = {
+    "attributes": {"vqa_full": 0.03, "vqa_single": 0.27, "attr_yesno": 0.35, "loc_easy": 0.15, "loc_hard": 0.20},
+    "matching": {"vqa_full": 0.08, "vqa_single": 0.08, "attr_yesno": 0.14, "loc_easy": 0.25, "loc_hard": 0.40,
+                 "aggr": 0.05},
+    "all": {"vqa_full": 0.10, "vqa_single": 0.15, "attr_yesno": 0.20, "loc_easy": 0.20, "loc_hard": 0.30,
+            "aggr": 0.05},
+}
+# The largest number of caption groups (besides gender) a T_loc caption may mention per stage.
+STAGE_MAX_GROUPS = {"attributes": 1, "matching": 4, "all": 4}
+
+# Alternatives of each attribute, used to draw a different value (a counterfactual person).
+_VALUES: dict[str, Sequence[object]] = {
+    "gender": ("man", "woman"),
+    "hair_length": ("short", "long"),
+    "hair_color": HAIR_COLORS,
+    "upper_type": UPPER_TYPES,
+    "upper_color": UPPER_COLORS,
+    "sleeve": ("short", "long"),
+    "lower_type": LOWER_TYPES,
+    "lower_color": LOWER_COLORS,
+    "lower_length": ("short", "long"),
+    "shoes_color": SHOE_COLORS,
+    "bag": BAG_TYPES,
+    "bag_color": BAG_COLORS,
+    "hat": (True, False),
+    "glasses": (True, False),
+}
+
+# Generic yes/no attribute questions: (attribute key, question template with {v}).
+_YESNO_QUESTIONS: tuple[tuple[str, str], ...] = (
+    ("gender", "Is the person a {v}?"),
+    ("hair_length", "Does the person have {v} hair?"),
+    ("hair_color", "Is the person's hair {v}?"),
+    ("upper_color", "Is the upper-body garment {v}?"),
+    ("upper_type", "Is the person wearing a {v}?"),
+    ("sleeve", "Are the sleeves {v}?"),
+    ("lower_color", "Are the trousers or skirt {v}?"),
+    ("lower_type", "Is the lower garment {v}?"),
+    ("lower_length", "Is the lower garment {v}?"),
+    ("shoes_color", "Are the shoes {v}?"),
+    ("bag", "Is the person carrying a {v}?"),
+    ("bag_color", "Is the bag {v}?"),
+    ("hat", "Is the person wearing a hat?"),
+    ("glasses", "Is the person wearing glasses?"),
+)
+YESNO_SUFFIX = " Answer with Yes or No only."
+IMAGE_TOKENS_GUESS = 8
+# Aspects of T_vqa whose ground-truth answer depends on the image (the others are constant).
+INFORMATIVE_ASPECTS = (0, 1, 2, 3, 5, 6, 8, 9, 10)
+
+
+# -- attribute edits -------------------------------------------------------------------------
+
+def _normalise(a: PersonAttributes) -> PersonAttributes | None:
+    """Make an edited person valid (the generator's constraints), or None when impossible."""
+    d = asdict(a)
+    if d["upper_type"] in ("jacket", "coat", "sweater") and d["sleeve"] == "short":
+        return None
+    if d["lower_type"] == "shorts" and d["lower_length"] != "short":
+        return None
+    if d["lower_type"] in ("trousers", "jeans") and d["lower_length"] != "long":
+        return None
+    if d["bag"] == "none":
+        d["bag_color"] = ""
+    elif not d["bag_color"]:
+        return None
+    return PersonAttributes(**d)
+
+
+def counterfactual(a: PersonAttributes, keys: Sequence[str], n_changes: int, rng: random.Random) -> PersonAttributes | None:
+    """A person equal to ``a`` except for ``n_changes`` attributes drawn from ``keys``."""
+    keys = [k for k in keys if k != "bag_color" or a.bag != "none"]
+    if len(keys) < n_changes:
+        return None
+    for _ in range(20):
+        d = asdict(a)
+        for k in rng.sample(keys, n_changes):
+            if k == "bag_color" and d["bag"] == "none":
+                break
+            d[k] = rng.choice([v for v in _VALUES[k] if v != d[k]])
+            if k == "bag" and d["bag"] != "none" and not d["bag_color"]:
+                d["bag_color"] = rng.choice(BAG_COLORS)
+            if k == "lower_type":  # keep the length consistent with the new garment
+                d["lower_length"] = {"shorts": "short", "trousers": "long", "jeans": "long"}.get(d["lower_type"], d["lower_length"])
+            if k == "upper_type" and d["upper_type"] in ("jacket", "coat", "sweater"):
+                d["sleeve"] = "long"
+        b = _normalise(PersonAttributes(**d))
+        if b is not None and b != a:
+            return b
+    return None
+
+
+def caption_with_groups(a: PersonAttributes, rng: random.Random, max_groups: int) -> tuple[str, list[str]]:
+    """A generator caption of ``a`` mentioning at most ``max_groups`` groups besides gender."""
+    for _ in range(50):
+        text, groups = make_caption(a, rng)
+        if len([g for g in groups if g != "gender"]) <= max_groups:
+            return text, groups
+    return text, groups
+
+
+# -- the rows --------------------------------------------------------------------------------
+
+def _row(image: str | None, prompt: str, answer: str, task: str, label: str = "", pid: int = -1) -> dict:
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": prompt}]
+    return {
+        "messages": [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ],
+        "images": [image] if image else [],
+        # rough token count (about 4 characters a token, plus the image): lets the trainer group
+        # rows of similar length (train_sampling_strategy: group_by_length), so a long VQA row
+        # does not pad a whole batch of short Yes/No rows
+        "length": (len(prompt) + len(answer)) // 4 + (IMAGE_TOKENS_GUESS if image else 0),
+        "task": task,
+        "label": label,
+        "image_pid": pid,
+    }
+
+
+def vqa_full_answer(a: PersonAttributes) -> str:
+    return "\n".join(f"{i}. {s}" for i, s in enumerate(vqa_answers(a), 1))
+
+
+def merged_description(a: PersonAttributes, groups: Sequence[str]) -> str:
+    """One sentence mentioning exactly ``groups`` of ``a`` (the aggregation target)."""
+    p = _phrases(a)
+    subj = f"A {a.gender}" if "gender" in groups else "A person"
+    parts = []
+    if "hair" in groups:
+        parts.append(f"has {p['hair']}")
+    wear = [p[g] for g in ("upper", "lower", "shoes", "hat", "glasses") if g in groups and g in p]
+    if wear:
+        parts.append("wears " + (wear[0] if len(wear) == 1 else ", ".join(wear[:-1]) + " and " + wear[-1]))
+    if "bag" in groups and "bag" in p:
+        parts.append(f"carries {p['bag']}")
+    if not parts:
+        return f"{subj}."
+    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{subj} {body}."
+
+
+_FACT_GROUPS = {1: "hair", 2: "upper", 3: "lower", 5: "shoes", 9: "bag"}
+
+
+class Builder:
+    """Draws rows of each task from the train identities of a SynthPEDES folder."""
+
+    def __init__(self, dataset_root: str | Path, seed: int = 0, prompts: PromptSet = DEFAULT_PROMPTS,
+                 split: str = "train", max_groups: int = 4):
+        root = Path(dataset_root).resolve()
+        ann = root / "reid_raw.json"
+        if not ann.is_file():
+            raise FileNotFoundError(f"{ann} not found: --dataset-root must be a folder written by "
+                                    "`python -m data_builders.synthetic`")
+        records = json.loads(ann.read_text(encoding="utf-8"))
+        self.gt = load_ground_truth(root)
+        self.images: list[tuple[str, int, list[str], list[list[str]]]] = []
+        for r in records:
+            if r["split"] != split:
+                continue
+            mentions = self.gt["mentions"].get(r["file_path"], [])
+            self.images.append((str(root / "imgs" / r["file_path"]), int(r["id"]), list(r["captions"]), mentions))
+        if not self.images:
+            raise ValueError(f"{ann} has no '{split}' images")
+        self.pids = sorted({pid for _, pid, _, _ in self.images})
+        self.rng = random.Random(seed)
+        self.prompts = prompts
+        self.max_groups = max_groups
+        self._label_count: dict[str, int] = {}
+
+    # one row per task ------------------------------------------------------------------------
+    def _pick(self):
+        path, pid, caps, mentions = self.rng.choice(self.images)
+        return path, pid, caps, mentions, self.gt["ids"][pid]
+
+    def vqa_full(self) -> dict:
+        path, pid, _, _, a = self._pick()
+        return _row(path, self.prompts.render_vqa(), vqa_full_answer(a), "vqa_full", pid=pid)
+
+    def vqa_single(self) -> dict:
+        path, pid, _, _, a = self._pick()
+        i = self.rng.choice(INFORMATIVE_ASPECTS)
+        return _row(path, self.prompts.vqa_aspects[i], vqa_answers(a)[i], "vqa_single", pid=pid)
+
+    def attr_yesno(self) -> dict:
+        path, pid, _, _, a = self._pick()
+        d = asdict(a)
+        want_yes = self._next_label("attr_yesno")
+        while True:
+            key, q = self.rng.choice(_YESNO_QUESTIONS)
+            if key == "bag_color" and a.bag == "none":
+                continue
+            if key in ("hat", "glasses"):
+                if d[key] != want_yes:  # no value to change in the question: ask another one
+                    continue
+                return _row(path, q + YESNO_SUFFIX, "Yes" if want_yes else "No", "attr_yesno",
+                            "Yes" if want_yes else "No", pid)
+            values = [v for v in _VALUES[key] if v != "none"]  # "carrying a none" is no question
+            if want_yes and d[key] not in values:
+                continue
+            break
+        v = d[key] if want_yes else self.rng.choice([x for x in values if x != d[key]])
+        label = "Yes" if v == d[key] else "No"
+        return _row(path, q.format(v=v) + YESNO_SUFFIX, label, "attr_yesno", label, pid)
+
+    def _next_label(self, task: str) -> bool:
+        """Alternate Yes/No per task, so every task's labels are balanced exactly."""
+        n = self._label_count.get(task, 0)
+        self._label_count[task] = n + 1
+        return n % 2 == 0
+
+    def _positive_caption(self, a: PersonAttributes, caps: list[str], mentions: list[list[str]]) -> str:
+        annotated = [c for c, g in zip(caps, mentions) if len([x for x in g if x != "gender"]) <= self.max_groups]
+        if annotated and self.rng.random() < 0.3:
+            return self.rng.choice(annotated)
+        return caption_with_groups(a, self.rng, self.max_groups)[0]
+
+    def loc(self, hard: bool) -> dict:
+        path, pid, caps, mentions, a = self._pick()
+        task = "loc_hard" if hard else "loc_easy"
+        if self._next_label(task):
+            return _row(path, self.prompts.render_loc(self._positive_caption(a, caps, mentions)), "Yes", task, "Yes", pid)
+        for _ in range(100):
+            if hard:
+                text, groups = caption_with_groups(a, self.rng, self.max_groups)
+                keys = [k for g in groups for k in GROUP_KEYS[g]]
+                n = 1 if self.rng.random() < 0.7 else 2
+                b = counterfactual(a, keys, n, self.rng)
+                if b is None:
+                    continue
+                # the same sentence plan, now describing the edited person
+                text, groups2 = caption_with_groups(b, random.Random(self.rng.random()), self.max_groups)
+                facts = mentioned_facts(b, groups2)
+                if consistent(a, facts):
+                    continue
+                # keep only captions that differ from the truth in at most two mentioned keys
+                diff = sum(asdict(a)[k] != v for k, v in facts.items())
+                if diff > 2:
+                    continue
+            else:
+                other = self.rng.choice(self.pids)
+                b = self.gt["ids"][other]
+                text, groups2 = caption_with_groups(b, self.rng, self.max_groups)
+                if consistent(a, mentioned_facts(b, groups2)):
+                    continue
+            return _row(path, self.prompts.render_loc(text), "No", task, "No", pid)
+        raise RuntimeError("could not draw a negative caption; is the train split too small?")
+
+    def aggr(self) -> dict:
+        _, pid, _, _, a = self._pick()
+        text, groups = make_caption(a, self.rng)
+        answers = vqa_answers(a)
+        k = self.rng.randint(1, 3)
+        aspects = self.rng.sample(sorted(_FACT_GROUPS), k)
+        facts = [answers[i] for i in aspects if not (i == 9 and a.bag == "none")] or [answers[2]]
+        new_groups = list(dict.fromkeys(groups + [_FACT_GROUPS[i] for i in aspects]))
+        if a.bag == "none" and "bag" in new_groups:
+            new_groups.remove("bag")
+        if "gender" not in new_groups:
+            new_groups.insert(0, "gender")  # the VQA facts use he/she
+        return _row(None, self.prompts.render_aggr(text, facts), merged_description(a, new_groups), "aggr", pid=pid)
+
+    def draw(self, task: str) -> dict:
+        if task == "loc_easy":
+            return self.loc(hard=False)
+        if task == "loc_hard":
+            return self.loc(hard=True)
+        if task not in TASKS:
+            raise ValueError(f"unknown task '{task}': choose from {', '.join(TASKS)}")
+        return getattr(self, task)()
+
+
+def build_rows(dataset_root: str | Path, num_samples: int, stage: str = "matching", seed: int = 0,
+               mix: dict[str, float] | None = None, prompts: PromptSet = DEFAULT_PROMPTS) -> list[dict]:
+    """``num_samples`` rows drawn by the stage's task weights (or ``mix``)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage '{stage}': choose from {', '.join(STAGES)}")
+    weights = mix or STAGES[stage]
+    b = Builder(dataset_root, seed=seed, prompts=prompts, max_groups=STAGE_MAX_GROUPS[stage])
+    # exact counts per task (largest remainder), then a seeded shuffle
+    total = sum(weights.values())
+    raw = {t: num_samples * w / total for t, w in weights.items()}
+    counts = {t: int(v) for t, v in raw.items()}
+    for t in sorted(raw, key=lambda t: raw[t] - counts[t], reverse=True)[: num_samples - sum(counts.values())]:
+        counts[t] += 1
+    plan = [t for t, c in counts.items() for _ in range(c)]
+    b.rng.shuffle(plan)
+    return [b.draw(t) for t in plan]
+
+
+def build(dataset_root: str | Path, out: str | Path, num_samples: int = 20000, stage: str = "matching",
+          seed: int = 0, mix: dict[str, float] | None = None):
+    """Build the rows and ``save_to_disk`` a DatasetDict with a ``train`` split; returns it."""
+    from datasets import Dataset, DatasetDict
+
+    rows = build_rows(dataset_root, num_samples, stage, seed, mix)
+    ds = DatasetDict({"train": Dataset.from_list(rows)})
+    out = Path(out)
+    ds.save_to_disk(str(out))
+    stats = summarise(rows)
+    stats.update({"dataset_root": str(Path(dataset_root).resolve()), "stage": stage, "seed": seed})
+    (out / "vl_pretrain_stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
+    return ds
+
+
+def summarise(rows: Sequence[dict]) -> dict:
+    tasks = Counter(r["task"] for r in rows)
+    labels = Counter((r["task"], r["label"]) for r in rows if r["label"])
+    return {"rows": len(rows), "tasks": dict(sorted(tasks.items())),
+            "labels": {f"{t}:{l}": c for (t, l), c in sorted(labels.items())}}
+
+
+def main(argv: Sequence[str] | None = None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset-root", required=True, help="SynthPEDES folder (train split is used)")
+    ap.add_argument("--out", required=True, help="output folder (datasets save_to_disk)")
+    ap.add_argument("--stage", default="matching", choices=sorted(STAGES), help="curriculum stage (task mix)")
+    ap.add_argument("--num-samples", type=int, default=20000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mix", default=None, help='JSON task weights overriding the stage, e.g. \'{"loc_hard": 1}\'')
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    mix = json.loads(args.mix) if args.mix else None
+    ds = build(args.dataset_root, args.out, args.num_samples, args.stage, args.seed, mix)
+    stats = json.loads((Path(args.out) / "vl_pretrain_stats.json").read_text())
+    print(f"{len(ds['train'])} rows written to {args.out} (stage {args.stage})")
+    for t, c in stats["tasks"].items():
+        print(f"  {t:<11}{c:>8}")
+    return ds
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""SynthPEDES-VL pre-training data builder: train split only, formats, labels, determinism."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict
+
+import pytest
+
+from data_builders.synthetic import consistent, load_ground_truth, mentioned_facts
+from data_builders.vl_pretrain import (
+    STAGES,
+    TASKS,
+    Builder,
+    build,
+    build_rows,
+    counterfactual,
+    main,
+)
+from mllm_tune.prompts import DEFAULT_PROMPTS, is_yes
+
+
+def _train_pids(root) -> set[int]:
+    records = json.loads((root / "reid_raw.json").read_text())
+    return {r["id"] for r in records if r["split"] == "train"}
+
+
+def _user_text(row) -> str:
+    return row["messages"][0]["content"][-1]["text"]
+
+
+def _answer(row) -> str:
+    return row["messages"][1]["content"][0]["text"]
+
+
+def test_rows_use_only_train_identities_and_images(synth_root):
+    rows = build_rows(synth_root, 300, "all", seed=0)
+    train = _train_pids(synth_root)
+    assert {r["image_pid"] for r in rows} <= train
+    for r in rows:
+        for path in r["images"]:
+            assert "/imgs/train/" in path, path
+    # held-out identities never appear, not even in negative captions' source
+    records = json.loads((synth_root / "reid_raw.json").read_text())
+    test_paths = {r["file_path"] for r in records if r["split"] != "train"}
+    assert not any(p.endswith(tp) for r in rows for p in r["images"] for tp in test_paths)
+
+
+def test_trl_vision_conversational_format(synth_root):
+    rows = build_rows(synth_root, 120, "all", seed=1)
+    tasks = Counter(r["task"] for r in rows)
+    assert set(tasks) == set(STAGES["all"]) and set(tasks) <= set(TASKS)
+    for r in rows:
+        user, assistant = r["messages"]
+        assert user["role"] == "user" and assistant["role"] == "assistant"
+        assert all(isinstance(c, dict) and c["type"] in ("image", "text") for c in user["content"])
+        n_image = sum(c["type"] == "image" for c in user["content"])
+        assert n_image == len(r["images"]) == (0 if r["task"] == "aggr" else 1)
+        assert user["content"][-1]["type"] == "text" and _user_text(r)
+        assert assistant["content"] == [{"type": "text", "text": _answer(r)}] and _answer(r)
+        assert all(isinstance(p, str) for p in r["images"])
+        assert r["length"] > 0
+    loc = [r for r in rows if r["task"].startswith("loc")]
+    assert loc and all(_user_text(r).startswith(DEFAULT_PROMPTS.render_loc("x").split('"')[0]) for r in loc)
+    assert all(_answer(r) in ("Yes", "No") and _answer(r) == r["label"] for r in loc)
+    full = [r for r in rows if r["task"] == "vqa_full"]
+    assert full and all(_user_text(r) == DEFAULT_PROMPTS.render_vqa() for r in full)
+    assert all(len(_answer(r).splitlines()) == 15 for r in full)
+
+
+def test_labels_balanced_per_task(synth_root):
+    rows = build_rows(synth_root, 400, "matching", seed=2)
+    for task in ("loc_easy", "loc_hard", "attr_yesno"):
+        labels = Counter(r["label"] for r in rows if r["task"] == task)
+        assert abs(labels["Yes"] - labels["No"]) <= 1, (task, labels)
+
+
+def test_loc_labels_are_true_to_the_ground_truth(synth_root):
+    """A Yes caption fits the image's identity; a hard No contradicts it in one or two facts."""
+    gt = load_ground_truth(synth_root)
+    b = Builder(synth_root, seed=3)
+    from data_builders.synthetic import make_caption
+    import random
+
+    for _ in range(60):
+        row = b.loc(hard=True)
+        a = gt["ids"][row["image_pid"]]
+        assert row["label"] in ("Yes", "No") and is_yes(row["label"]) == (row["label"] == "Yes")
+    # counterfactual persons differ from the original only in the keys asked for
+    rng = random.Random(0)
+    for pid, a in list(gt["ids"].items())[:30]:
+        _, groups = make_caption(a, rng)
+        keys = [k for g in groups for k in {"hair": ("hair_color",), "upper": ("upper_color",),
+                                            "lower": ("lower_color",), "shoes": ("shoes_color",)}.get(g, ())]
+        if not keys:
+            continue
+        c = counterfactual(a, keys, 1, rng)
+        assert c is not None and c != a
+        changed = [k for k, v in asdict(a).items() if asdict(c)[k] != v]
+        assert changed and set(changed) <= set(keys) | {"lower_length", "sleeve", "bag_color"}
+
+
+def test_hard_negatives_contradict_the_image(synth_root):
+    """Recompute, for hard negatives, that the caption's facts cannot be read off the image."""
+    from data_builders import vl_pretrain
+
+    gt = load_ground_truth(synth_root)
+    seen = []
+    orig = vl_pretrain.mentioned_facts
+
+    def spy(a, groups):
+        facts = orig(a, groups)
+        seen.append(facts)
+        return facts
+
+    vl_pretrain.mentioned_facts = spy
+    try:
+        b = Builder(synth_root, seed=4)
+        negatives = 0
+        for _ in range(40):
+            seen.clear()
+            row = b.loc(hard=True)
+            if row["label"] == "No":
+                negatives += 1
+                a = gt["ids"][row["image_pid"]]
+                assert not consistent(a, seen[-1])
+                assert 1 <= sum(asdict(a)[k] != v for k, v in seen[-1].items()) <= 2
+    finally:
+        vl_pretrain.mentioned_facts = orig
+    assert negatives == 20
+
+
+def test_deterministic_and_seed_dependent(synth_root):
+    a = build_rows(synth_root, 80, "attributes", seed=5)
+    b = build_rows(synth_root, 80, "attributes", seed=5)
+    c = build_rows(synth_root, 80, "attributes", seed=6)
+    assert a == b
+    assert a != c
+
+
+def test_attributes_stage_uses_one_group_captions(synth_root):
+    gt = load_ground_truth(synth_root)
+    rows = [r for r in build_rows(synth_root, 200, "attributes", seed=7) if r["task"].startswith("loc")]
+    assert rows
+    # one clothing/hair/bag group at most: short captions (plus the optional gender and an extra sentence)
+    for r in rows:
+        caption = _user_text(r).split('"')[1]
+        assert caption.count(" and ") == 0, caption
+
+
+def test_cli_saves_a_datasetdict(synth_root, tmp_path):
+    from datasets import load_from_disk
+
+    out = tmp_path / "vl"
+    main(["--dataset-root", str(synth_root), "--out", str(out), "--stage", "matching", "--num-samples", "50"])
+    ds = load_from_disk(str(out))
+    assert list(ds) == ["train"] and len(ds["train"]) == 50
+    assert {"messages", "images", "task", "label", "length"} <= set(ds["train"].column_names)
+    stats = json.loads((out / "vl_pretrain_stats.json").read_text())
+    assert stats["rows"] == 50 and stats["stage"] == "matching"
+
+
+def test_bad_input_is_named(tmp_path, synth_root):
+    with pytest.raises(FileNotFoundError, match="reid_raw.json"):
+        build_rows(tmp_path, 10)
+    with pytest.raises(ValueError, match="unknown stage"):
+        build_rows(synth_root, 10, stage="nope")
+
+
+def test_rows_train_through_trl_collator(synth_root, tiny_qwen2_vl):
+    """The rows go through TRL's vision collator with assistant-only labels, text-only rows included."""
+    from datasets import Dataset, Image, Sequence
+    from transformers import AutoProcessor
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    processor = AutoProcessor.from_pretrained(tiny_qwen2_vl)
+    rows = build_rows(synth_root, 12, "all", seed=8)
+    rows = sorted(rows, key=lambda r: r["task"] != "aggr")[:4]  # one text-only row in the batch
+    assert any(r["task"] == "aggr" for r in rows)
+    ds = Dataset.from_list(rows).cast_column("images", Sequence(Image()))
+    collator = DataCollatorForVisionLanguageModeling(processor)
+    batch = collator([ds[i] for i in range(len(ds))])
+    assert batch["pixel_values"].shape[0] > 0 and (batch["labels"] != -100).any()

@@ -117,6 +117,10 @@ class _Retrieval:
         if self.simulated:
             from eval import synth_bow
 
+            if not (root / "attributes.json").is_file():
+                raise SystemExit(f"error: --retriever {SYNTH_BOW} works on SynthPEDES only ({root / 'attributes.json'} "
+                                 "not found); pass a CLIP folder, irra:PATH or rde:PATH")
+
             self.identity = "synth-bow (SIMULATION: bag of SynthPEDES attribute words from ground truth)"
             self.gallery = synth_bow.encode_images(root, gallery_paths)
             self.encode_text = synth_bow.encode_texts

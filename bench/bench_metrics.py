@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from bench import measure, md_table
+from eval.metrics import rank_metrics, rank_metrics_fullsort
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +42,10 @@ def make_inputs(num_q: int, num_g: int, ids: int, caps: int, seed: int = 0):
 
 
 def _ours(state):
-    from eval.metrics import rank_metrics
-
     return rank_metrics(*state)
 
 
 def _fullsort(state):
-    from eval.metrics import rank_metrics_fullsort
-
     return rank_metrics_fullsort(*state, stable=False)
 
 

@@ -114,3 +114,19 @@ def test_errors(synth_root, tmp_path):
         rda.main(["--dataset-root", str(synth_root), "--dataset", "cuhk-pedes", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="unknown dataset"):
         rda.main(["--dataset-root", str(synth_root), "--dataset", "nope", "--mllm", "oracle", "--out", str(tmp_path)])
+
+
+def test_tiny_hf_backend_end_to_end_and_cached(synth_root, tiny_qwen2_vl, tmp_path):
+    """The real backend path: a tiny random Qwen2-VL answers (nonsense); parsing falls back, the
+    output stays aligned, and a rerun is served entirely from the answer cache."""
+    argv = ["--dataset-root", str(synth_root), "--dataset", "cuhk-pedes", "--mllm", "hf", "--model",
+            str(tiny_qwen2_vl), "--max-new-tokens", "8", "--limit", "2", "--m", "2", "--out", str(tmp_path),
+            "--no-progress"]
+    first = rda.main(argv)
+    lines = [json.loads(x) for x in (tmp_path / "rda.jsonl").read_text().splitlines()]
+    assert [(x["record_index"], x["caption_index"], x["caption"]) for x in lines] == _train_captions(synth_root)[:2]
+    assert all(x["groups"] and all(g for g in x["groups"]) for x in lines)
+    assert first["simulated"] is False and sum(first["backend_calls"].values()) > 0
+    again = rda.main(argv)
+    assert sum(again["backend_calls"].values()) == 0
+    assert sum(again["cache_hits"].values()) == sum(first["requests"].values())

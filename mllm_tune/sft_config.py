@@ -265,6 +265,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     try:
         parsed = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
     except SystemExit as exc:  # argparse exits on bad values: keep the in-process API raising
+        if exc.code in (0, None):  # --help
+            raise
         raise RecipeError(f"bad command line {rest}: see the message above") from exc
     *objs, remaining = parsed
     if remaining:

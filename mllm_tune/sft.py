@@ -87,7 +87,9 @@ def _prepare_split(ds, where: str, base_dir: Path | None):
         raise RecipeError(f"{where}: row 0 'images' must be a non-empty list of image paths, got {imgs!r}")
     if isinstance(imgs[0], str):
         if base_dir is not None and any(not os.path.isabs(p) for p in imgs):
-            ds = ds.map(lambda r: {"images": [p if os.path.isabs(p) else str(base_dir / p) for p in r["images"]]})
+            # in memory: under DDP every rank runs this, and cache files next to the data would collide
+            ds = ds.map(lambda r: {"images": [p if os.path.isabs(p) else str(base_dir / p) for p in r["images"]]},
+                        keep_in_memory=True)
             imgs = ds[0]["images"]
         if not Path(imgs[0]).is_file():
             raise RecipeError(f"{where}: row 0 image {imgs[0]} does not exist")

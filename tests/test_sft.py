@@ -121,8 +121,10 @@ class _Probe:
             def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
                 Probe.batch = next(iter(train_dataloader))
 
-            def on_train_end(self, args, state, control, model=None, **kw):
+            def on_train_end(self, args, state, control, model=None, eval_dataloader=None,
+                             processing_class=None, **kw):
                 from mllm_tune.modeling import lora_module_names
+                from mllm_tune.yesno_eval import answer_token_ids
 
                 Probe.lora_names = lora_module_names(model)
                 was = model.training
@@ -130,6 +132,18 @@ class _Probe:
                 with torch.no_grad():
                     inputs = {k: v for k, v in Probe.batch.items() if k != "labels"}
                     Probe.logits = model(**inputs).logits.float()
+                    # Yes/No accuracy the slow way: argmax of full logits before the first answer token
+                    yes, no = answer_token_ids(processing_class.tokenizer)
+                    right = total = 0
+                    for batch in eval_dataloader:
+                        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                        for row, lab in zip(logits, batch["labels"]):
+                            i = int((lab != -100).nonzero()[0])
+                            gold = int(lab[i])
+                            if gold in (yes, no):
+                                total += 1
+                                right += int(row[i - 1].argmax()) == gold
+                    Probe.yesno = (right, total)
                 model.train(was)
 
         return Probe()
@@ -164,7 +178,9 @@ def test_train_labels_loss_reload(tiny_models, pairs_dir, tmp_path, family):
     history = json.loads((out / sft.METRICS_FILE).read_text())["log_history"]
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.3, losses
-    assert "eval_yesno_accuracy" in metrics and 0.0 <= metrics["eval_yesno_accuracy"] <= 1.0
+    right, total = probe.yesno
+    assert total == 4 and metrics["eval_yesno_pairs"] == total
+    assert metrics["eval_yesno_accuracy"] == pytest.approx(right / total)
 
     # no LoRA module in the vision tower, but some in the language model
     assert probe.lora_names and not [n for n in probe.lora_names if is_vision_module(n)]
@@ -204,3 +220,44 @@ def test_data_errors_are_clear(tiny_models, pairs_dir, tmp_path):
     assert info["train_rows"] == 6 and info["eval_rows"] == 2
     assert train.column_names == ["messages", "images"]
     assert isinstance(train.features["images"].feature, datasets.Image)
+
+
+def test_yesno_stats_unit():
+    from mllm_tune.yesno_eval import YesNoAccumulator, first_answer_stats
+
+    yes, no = 7, 9
+    # 4 rows, positions already shifted (t predicts label t); answer starts at different places
+    labels = torch.full((4, 5), -100)
+    labels[0, 2:4] = torch.tensor([yes, 1])  # gold Yes, predicted right
+    labels[1, 1:3] = torch.tensor([no, 1])  # gold No, predicted wrong
+    labels[2, 3:5] = torch.tensor([yes, 1])  # gold Yes, predicted wrong (later token right)
+    labels[3, 0:2] = torch.tensor([5, 1])  # neither Yes nor No: not counted
+    mask = labels != -100
+    top1 = torch.zeros(4, 5, dtype=torch.bool)
+    top1[0, 2] = True
+    top1[2, 4] = True
+    top1[3, 0] = True
+    stats = first_answer_stats(top1, mask, labels, yes, no)
+    assert stats.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 0]]
+    acc = YesNoAccumulator()
+    acc.add(stats)
+    r = acc.result()
+    assert r["yesno_pairs"] == 3 and r["yesno_accuracy"] == pytest.approx(1 / 3)
+    assert r["yesno_accuracy_yes"] == pytest.approx(0.5) and r["yesno_accuracy_no"] == 0.0
+
+
+def test_unfrozen_vision_tower_trains_fully(tiny_models):
+    from peft import get_peft_model
+
+    from mllm_tune.modeling import build_lora_config, is_vision_module, load_model
+
+    model = load_model(str(tiny_models("qwen2_5_vl")))
+    peft_model = get_peft_model(model, build_lora_config(model, freeze_vision_tower=False))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    vision = [n for n in trainable if "visual" in n]
+    assert vision and all("lora_" not in n for n in vision)  # full copy, not LoRA
+    assert any("language_model" in n and "lora_A" in n for n in trainable)
+    frozen = load_model(str(tiny_models("qwen2_5_vl")))
+    frozen_peft = get_peft_model(frozen, build_lora_config(frozen))
+    assert not [n for n, p in frozen_peft.named_parameters() if p.requires_grad and is_vision_module(n.replace(
+        "base_model.model.", ""))]

@@ -110,6 +110,13 @@ def load_pairs(data: DataArguments, seed: int = 42):
             )
         train = loaded[data.dataset_train_split]
         ev = loaded[data.dataset_test_split] if data.dataset_test_split in loaded else None
+    elif "split" in loaded.column_names and data.dataset_train_split in set(loaded.unique("split")):
+        # the miner's pairs.jsonl holds every row with a `split` column (eval = held-out identities)
+        def pick(name):
+            return loaded.filter(lambda s: s == name, input_columns="split", keep_in_memory=True)
+
+        train = pick(data.dataset_train_split)
+        ev = pick(data.dataset_test_split) if data.dataset_test_split in set(loaded.unique("split")) else None
     else:
         train, ev = loaded, None
     if ev is None and data.eval_fraction > 0 and len(train) >= 2:

@@ -34,6 +34,8 @@ def pair_rows(synth_root: Path, n_train: int = 8, n_eval: int = 4, seed: int = 0
             "caption": cap, "caption_pid": pid, "image_pid": view.gallery_pids[gi],
             "label": int(positive), "rank": 0 if positive else 1,
         })
+    for i, r in enumerate(rows):
+        r["split"] = "train" if i < n_train else "eval"
     return {"train": rows[:n_train], "eval": rows[n_train : n_train + n_eval]}
 
 

@@ -215,11 +215,25 @@ def test_data_errors_are_clear(tiny_models, pairs_dir, tmp_path):
         sft.main(tiny_argv(model_dir, bad, tmp_path / "o"))
     with pytest.raises(RecipeError, match="does not exist"):
         sft.main(tiny_argv(model_dir, tmp_path / "nope.jsonl", tmp_path / "o"))
-    # the miner's jsonl (single split) loads; eval rows are held out by eval_fraction
-    train, ev, info = sft.load_pairs(sft.DataArguments(dataset_name=str(pairs_dir / "pairs.jsonl"), eval_fraction=0.25))
-    assert info["train_rows"] == 6 and info["eval_rows"] == 2
+    # the miner's pairs.jsonl: one file, its `split` column decides train / eval
+    train, ev, info = sft.load_pairs(sft.DataArguments(dataset_name=str(pairs_dir / "pairs.jsonl")))
+    assert info["train_rows"] == 4 and info["eval_rows"] == 4
     assert train.column_names == ["messages", "images"]
     assert isinstance(train.features["images"].feature, datasets.Image)
+    # rows without a split and with relative image paths: paths resolve against the file's folder,
+    # eval rows are held out by eval_fraction
+    rows = [json.loads(line) for line in (pairs_dir / "pairs.jsonl").read_text().splitlines()]
+    plain = tmp_path / "data" / "plain.jsonl"
+    (tmp_path / "data" / "imgs").mkdir(parents=True)
+    for i, r in enumerate(rows):
+        del r["split"]
+        local = tmp_path / "data" / "imgs" / f"{i}.png"
+        local.write_bytes(Path(r["images"][0]).read_bytes())
+        r["images"] = [f"imgs/{i}.png"]
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, ev, info = sft.load_pairs(sft.DataArguments(dataset_name=str(plain), eval_fraction=0.25))
+    assert info["train_rows"] == 6 and info["eval_rows"] == 2
+    assert train[0]["images"][0].size[0] > 0  # decoded from the resolved path
 
 
 def test_yesno_stats_unit():

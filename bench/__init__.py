@@ -67,14 +67,27 @@ def _child(setup: Callable, work: Callable, args: tuple, repeat: int, queue) -> 
         queue.put({"ok": False, "error": traceback.format_exc()})
 
 
-def measure(setup: Callable, work: Callable, *args: Any, repeat: int = 1, timeout: float | None = None) -> dict:
+def measure(setup: Callable, work: Callable, *args: Any, repeat: int = 1, timeout: float | None = None,
+            isolate: bool = True) -> dict:
     """Time ``work(setup(*args))`` and its peak memory above the set-up, in a fresh process.
 
     A fresh (spawned) process per measurement keeps allocator caches of one candidate from
     hiding the memory of the next. ``setup`` and ``work`` must be module-level functions.
     Returns ``{"seconds", "peak_mb", "peak_exact", "result"}``; ``seconds`` is the best of
     ``repeat`` runs. Peak memory is the growth of the resident set (VmHWM after resetting it).
+    ``isolate=False`` runs in this process (smoke runs: fast, memory figures not meaningful).
     """
+    if not isolate:
+        import queue as _queue
+
+        q: Any = _queue.Queue()
+        _child(setup, work, args, repeat, q)
+        msg = q.get()
+        if not msg["ok"]:
+            raise RuntimeError(f"benchmark call failed:\n{msg['error']}")
+        msg.pop("ok")
+        msg["peak_mb"] = msg.pop("peak_bytes") / 2**20
+        return msg
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(setup, work, args, repeat, queue))

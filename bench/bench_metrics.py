@@ -54,8 +54,8 @@ def run(smoke: bool = False) -> dict:
     rows, figures = [], {}
     for name, (q, g, ids, caps) in sizes.items():
         logger.info("metrics bench at %s (%d x %d)", name, q, g)
-        ref = measure(make_inputs, _fullsort, q, g, ids, caps)
-        ours = measure(make_inputs, _ours, q, g, ids, caps)
+        ref = measure(make_inputs, _fullsort, q, g, ids, caps, isolate=not smoke)
+        ours = measure(make_inputs, _ours, q, g, ids, caps, isolate=not smoke)
         diff = max(abs(ours["result"][k] - ref["result"][k]) for k in ours["result"])
         fig = {
             "queries": q,

@@ -73,12 +73,14 @@ def run(smoke: bool = False) -> dict:
     size = SMOKE if smoke else FULL
     n_slice = SMOKE["captions"] // 2 if smoke else SLICE_CAPTIONS
     logger.info("mining bench: full size %s", size)
-    full = measure(make_features, _mine, *size.values())
+    iso = not smoke  # smoke: in-process, and without the transformers-importing candidate
+    full = measure(make_features, _mine, *size.values(), isolate=iso)
     gb_full_matrix = size["captions"] * size["images"] * 4 / 2**30
     logger.info("mining bench: side by side on %d captions", n_slice)
-    ours = measure(make_features, _mine, n_slice, size["images"], size["ids"], size["dim"])
-    plain = measure(make_features, _full_matrix, n_slice, size["images"], size["ids"], size["dim"])
-    stable = measure(make_features_warm, _topk_chunked, n_slice, size["images"], size["ids"], size["dim"])
+    ours = measure(make_features, _mine, n_slice, size["images"], size["ids"], size["dim"], isolate=iso)
+    plain = measure(make_features, _full_matrix, n_slice, size["images"], size["ids"], size["dim"], isolate=iso)
+    stable = (measure(make_features_warm, _topk_chunked, n_slice, size["images"], size["ids"], size["dim"])
+              if not smoke else {"seconds": float("nan"), "peak_mb": float("nan")})
     figures = {
         "full": {**size, "seconds": full["seconds"], "peak_mb": full["peak_mb"], "pairs": full["result"]["pairs"],
                  "full_matrix_gb_not_built": gb_full_matrix},

@@ -174,7 +174,7 @@ def _positive_ranks(sim: torch.Tensor, q: torch.Tensor, g: torch.Tensor, chunk_s
         hist.scatter_add_(1, less, torch.ones((), dtype=torch.long, device=dev).expand_as(less))
         # v equals some positive iff the first positive not below it equals v; each positive
         # matches itself, so any extra match is a negative tied with a positive.
-        first_geq = pos_asc.gather(1, less.clamp(max=pm - 1))
+        first_geq = pos_asc.gather(1, less.clamp_(max=pm - 1))  # less is not needed after this
         tied = (first_geq == rows).sum(1) > npos
         del less, first_geq
         pleq = torch.searchsorted(pos_asc, pos_asc, right=True)

@@ -68,3 +68,24 @@ def test_failing_bench_is_reported_not_raised(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", lambda name: type("M", (), {"run": staticmethod(boom)}))
     sec = runner.run_one("whatever", smoke=True)
     assert sec["ok"] is False and "kaput" in sec["markdown"]
+
+
+def _setup_alloc(mb: int):
+    return mb
+
+
+def _work_alloc(mb: int):
+    import numpy as np
+
+    a = np.ones(mb * 2**20 // 8)  # touched, so resident
+    return float(a.sum())
+
+
+def test_measure_sees_peak_memory_in_a_fresh_process():
+    res = bench.measure(_setup_alloc, _work_alloc, 64)
+    assert res["result"] == 64 * 2**20 // 8
+    assert res["seconds"] > 0
+    if res["peak_exact"]:
+        assert 60 <= res["peak_mb"] < 200
+    small = bench.measure(_setup_alloc, _work_alloc, 1, isolate=False)
+    assert small["result"] == 2**20 // 8

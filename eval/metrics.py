@@ -154,7 +154,7 @@ def _positive_ranks(sim: torch.Tensor, q: torch.Tensor, g: torch.Tensor, chunk_s
     tie_rows = 0
     for lo in range(0, num_q, chunk_size):
         hi = min(lo + chunk_size, num_q)
-        rows = sim[lo:hi]
+        rows = sim[lo:hi].contiguous()  # a copy only for transposed input; searchsorted needs it
         # a row sum is finite unless the row holds NaN/inf (or overflows: then check elementwise)
         if not bool(torch.isfinite(rows.sum(1)).all()) and not bool(torch.isfinite(rows).all()):
             bad = int((~torch.isfinite(rows)).any(1).nonzero()[0]) + lo

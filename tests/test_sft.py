@@ -177,7 +177,7 @@ def test_train_labels_loss_reload(tiny_models, pairs_dir, tmp_path, family):
     # loss falls while overfitting four pairs
     history = json.loads((out / sft.METRICS_FILE).read_text())["log_history"]
     losses = [h["loss"] for h in history if "loss" in h]
-    assert len(losses) == 8 and losses[-1] < losses[0] - 0.3, losses
+    assert len(losses) == 8 and losses[-1] < 0.6 * losses[0], losses
     right, total = probe.yesno
     assert total == 4 and metrics["eval_yesno_pairs"] == total
     assert metrics["eval_yesno_accuracy"] == pytest.approx(right / total)

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mllm_tune.modeling import VISION_MODULE_NAMES
+
 CARD_NAME = "README.md"
 
 
@@ -55,6 +57,7 @@ def render_card(base_model: str, data: dict, lora: dict, training: dict, metrics
         f"- target modules: {targets if targets is not None else 'every linear layer of the language model'}"
         " (vision tower and projector frozen, no LoRA there)" if lora.get("freeze_vision_tower", True) else
         f"- target modules: {targets}; vision tower trained fully (saved with the adapter)",
+        *([f"- trained fully and saved with the adapter: {lora['modules_to_save']}"] if lora.get("modules_to_save") else []),
         "",
         "## Training",
         *[f"- {k}: {_fmt(v)}" for k, v in training.items()],
@@ -97,9 +100,11 @@ def write_model_card(out_dir: str | Path, cfg: Any, metrics: dict, data_info: di
     }
     cfg_file = Path(out_dir) / "adapter_config.json"
     if cfg_file.is_file():  # the targets PEFT actually used
-        used = json.loads(cfg_file.read_text()).get("target_modules")
+        saved = json.loads(cfg_file.read_text())
+        used = saved.get("target_modules")
         if used:
             lora["target_modules"] = sorted(used) if isinstance(used, list) else used
+        lora["modules_to_save"] = saved.get("modules_to_save")
     training = {
         "epochs": t.num_train_epochs if t.max_steps in (None, -1) else f"max_steps {t.max_steps}",
         "per-device batch": t.per_device_train_batch_size,
@@ -128,6 +133,7 @@ def card_from_adapter(adapter_dir: str | Path, repo_id: str | None = None) -> st
         metrics, data = rec.get("metrics", {}), rec.get("data", {})
     lora = {"r": cfg.get("r"), "alpha": cfg.get("lora_alpha"), "dropout": cfg.get("lora_dropout"),
             "target_modules": cfg.get("target_modules"),
-            "freeze_vision_tower": not cfg.get("modules_to_save")}
+            "modules_to_save": cfg.get("modules_to_save"),
+            "freeze_vision_tower": not any(m in VISION_MODULE_NAMES for m in cfg.get("modules_to_save") or [])}
     return render_card(cfg.get("base_model_name_or_path", "unknown"), data or {"dataset": "unknown"}, lora, {},
                        metrics, adapter_ref=repo_id or str(adapter_dir))

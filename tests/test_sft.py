@@ -275,3 +275,29 @@ def test_unfrozen_vision_tower_trains_fully(tiny_models):
     frozen_peft = get_peft_model(frozen, build_lora_config(frozen))
     assert not [n for n, p in frozen_peft.named_parameters() if p.requires_grad and is_vision_module(n.replace(
         "base_model.model.", ""))]
+
+
+def test_every_recipe_and_launch_config_parses():
+    import yaml
+
+    from mllm_tune.sft_config import parse_args
+
+    names = ["qwen_lora.yaml", "qwen2_5_vl_lora.yaml", "qwen3_vl_lora.yaml", "tiny_lora.yaml"]
+    recipes = [RECIPE.parent / n for n in names]  # other recipes in the folder belong to other trainers
+    for path in recipes:
+        cfg = parse_args([str(path)])
+        assert cfg.training.assistant_only_loss and cfg.vision.freeze_vision_tower, path
+    paper = parse_args([str(RECIPE.parent / "qwen_lora.yaml")])
+    t = paper.training
+    assert (paper.lora.lora_r, paper.lora.lora_alpha, t.num_train_epochs, t.per_device_train_batch_size,
+            t.gradient_accumulation_steps, t.learning_rate) == (8, 16, 2, 4, 16, pytest.approx(5e-5))
+    assert paper.vision.image_min_pixels == paper.vision.image_max_pixels == 224 * 224
+    assert paper.model.model_name_or_path == "Qwen/Qwen2-VL-7B-Instruct"
+    accs = [RECIPE.parent / "accelerate" / f"{n}.yaml" for n in
+            ("single_gpu", "multi_gpu", "zero2", "zero3", "cpu_ddp", "cpu_zero2", "cpu_zero3")]
+    for acc in accs:
+        conf = yaml.safe_load(acc.read_text())
+        ds = (conf.get("deepspeed_config") or {}).get("deepspeed_config_file")
+        if ds:
+            stage = json.loads((RECIPE.parents[1] / ds).read_text())["zero_optimization"]["stage"]
+            assert stage == (3 if "zero3" in acc.name else 2), acc

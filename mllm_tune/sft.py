@@ -280,7 +280,12 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Any] | None = No
     metrics: dict[str, Any] = dict(result.metrics)
     metrics["global_step"] = trainer.state.global_step
     if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
+        # reuse an evaluation made at the final step (same on every rank, so no rank waits alone)
+        last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+        if last is not None and last.get("step") == trainer.state.global_step:
+            metrics.update({k: v for k, v in last.items() if k.startswith("eval_")})
+        else:
+            metrics.update(trainer.evaluate())
 
     trainer.save_model(t.output_dir)  # adapter (gathered from all ranks under ZeRO-3)
     if trainer.accelerator.is_main_process:

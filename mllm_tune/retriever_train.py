@@ -62,6 +62,7 @@ class TrainConfig:
     rda_gamma: float | None = None  # None: max(0.1, 1 - 0.03 * epoch)
     token_noise: float = 0.2
     flip: bool = True
+    pad_crop: int = 0  # random translation: pad by this many pixels and crop back (IRRA's crop augmentation)
     image_size: str | None = None  # HxW; default: the model's own person-crop size (384x128 for 224/16)
     text_length: int | None = None
     seed: int = 0
@@ -182,6 +183,14 @@ class Collator:
             mask[i, : len(x)] = 1
         return input_ids, mask
 
+    def _shift(self, a: np.ndarray, pad: int) -> np.ndarray:
+        # zero-pad by `pad` on every side and crop the original size at a random offset
+        h, w = a.shape[:2]
+        padded = np.zeros((h + 2 * pad, w + 2 * pad, a.shape[2]), dtype=a.dtype)
+        padded[pad:pad + h, pad:pad + w] = a
+        y, x = self.rng.randint(0, 2 * pad), self.rng.randint(0, 2 * pad)
+        return padded[y:y + h, x:x + w]
+
     def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
         from .rda_text import recombine
         from .retrievers.base import to_pixel_values
@@ -191,6 +200,8 @@ class Collator:
             a = b["image"]
             if self.cfg.flip and self.rng.random() < 0.5:
                 a = a[:, ::-1]
+            if self.cfg.pad_crop > 0:
+                a = self._shift(a, self.cfg.pad_crop)
             arrays.append(np.ascontiguousarray(a))
         out = {"pixel_values": to_pixel_values(arrays, self.mean, self.std), "pids": torch.tensor([b["pid"] for b in batch])}
         out["input_ids"], out["attention_mask"] = self._encode([b["caption"] for b in batch])
@@ -264,6 +275,15 @@ def _want_cache(cfg: TrainConfig, n_images: int, size: tuple[int, int]) -> bool:
 # -- the run -----------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run one fine-tuning (see the module docstring); returns the results dict."""
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(threads)  # --threads must not outlive the run (in-process callers, tests)
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm import tqdm
@@ -456,27 +476,37 @@ def _bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 
 
+def _typed(ann: str):
+    """argparse type for a TrainConfig annotation; optional fields also take none/null."""
+    base = int if ann.startswith("int") else float if ann.startswith("float") else _bool if ann == "bool" else str
+    if "None" not in ann:
+        return base
+
+    def conv(v: str):
+        return None if v.lower() in ("none", "null", "") else base(v)
+
+    return conv
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m mllm_tune.retriever_train",
                                  description="Fine-tune a CLIP retriever on a PEDES split (SDM/TAL, optional RDA text).")
     ap.add_argument("config_file", nargs="?", help="a YAML recipe (same as --config)")
     ap.add_argument("--config", dest="config_opt", help="a YAML recipe whose keys are the options below")
-    types = {int: int, float: float, str: str, bool: _bool}
     for f in dataclasses.fields(TrainConfig):
-        base = f.type if isinstance(f.type, type) else None
-        ann = str(f.type)
-        typ = int if ann.startswith("int") else float if ann.startswith("float") else _bool if ann == "bool" else str
-        ap.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=types.get(base, typ), default=None,
-                        help=f"default: {f.default!r}")
+        # SUPPRESS: only options given on the command line reach the namespace (they override the recipe)
+        ap.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_typed(str(f.type)),
+                        default=argparse.SUPPRESS, help=f"default: {f.default!r}")
     return ap
 
 
 def config_from_args(argv: Sequence[str] | None) -> TrainConfig:
     import yaml
 
-    args = build_parser().parse_args(argv)
+    args = vars(build_parser().parse_args(argv))
     values: dict[str, Any] = {}
-    cfg_path = args.config_opt or args.config_file
+    cfg_path = args.pop("config_opt", None) or args.pop("config_file", None)
+    args.pop("config_file", None)
     if cfg_path:
         p = Path(cfg_path)
         if not p.is_file():
@@ -493,10 +523,7 @@ def config_from_args(argv: Sequence[str] | None) -> TrainConfig:
             if key not in known:
                 raise ValueError(f"{p}: unknown option '{k}' (known: {', '.join(sorted(known))})")
             values[key] = v
-    for f in dataclasses.fields(TrainConfig):
-        v = getattr(args, f.name)
-        if v is not None:
-            values[f.name] = v
+    values.update(args)
     return TrainConfig(**values)
 
 

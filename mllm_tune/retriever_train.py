@@ -298,7 +298,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     _validate(cfg)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    # cpu=True on CPU-only machines is what makes torchrun / accelerate start a real multi-process (gloo) run
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
     if acc.is_main_process:
@@ -341,8 +342,10 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     steps_per_epoch = max(1, math.ceil(len(loader) / max(1, acc.num_processes)))
-    total = steps_per_epoch * cfg.epochs
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), max(0, total - 1))
+    # accelerate steps a prepared scheduler once per process for every optimizer step, so the
+    # schedule is laid out in single-process steps
+    total = max(1, len(loader)) * cfg.epochs
+    warmup = min(int(cfg.warmup_epochs * max(1, len(loader))), max(0, total - 1))
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
     module, optimizer, loader, scheduler = acc.prepare(module, optimizer, loader, scheduler)
     retriever.device = acc.device

@@ -110,3 +110,22 @@ def test_finetune_with_rda_text(synth100, tiny_clip, tmp_path):
     # measured: R1 0.9 -> 13.4 (best epoch by val R1); RDA's full descriptions help the tiny model
     assert after["R1"] >= before["R1"] + 8, (before, after)
     assert res["best_epoch"] == max(range(1, len(h) + 1), key=lambda e: (h[e - 1]["val"]["R1"], -e))
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run(synth_root, tiny_clip, tmp_path):
+    """torchrun with two CPU processes is one run of world size 2 (not two rank-0 runs)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29573",
+           "-m", "mllm_tune.retriever_train", str(RECIPE), "--model", str(tiny_clip), "--dataset-root",
+           str(synth_root), "--output-dir", str(out), "--epochs", "1", "--test-split", "none", "--progress", "false"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=RECIPE.parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "train_results.json").read_text())
+    assert res["world_size"] == 2 and res["train_captions"] == 172
+    assert res["steps_per_epoch"] == 5  # 172 captions: 10 full batches of 16, shared by two processes

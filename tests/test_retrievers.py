@@ -333,6 +333,12 @@ def test_load_errors_are_clear(tiny_clip, tmp_path):
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(RetrieverLoadError, match="model.safetensors|truncated"):
         load_retriever(str(broken))
+    r = load_retriever(str(tiny_clip))
+    with pytest.raises(FileNotFoundError, match="missing.png does not exist"):
+        r.encode_images([str(tmp_path / "missing.png")], progress=False)
+    (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    with pytest.raises(ValueError, match="cut.png cannot be read"):
+        r.encode_images([str(tmp_path / "cut.png")], progress=False)
     # an IRRA checkpoint has no TSE heads; without a tokenizer nothing can be encoded
     torch.manual_seed(2)
     ckpt = write_checkpoint(tmp_path, RefCLIP(900), None)

@@ -14,6 +14,7 @@ Every answer comes from the generator's ground truth. Tasks (``TASKS``):
 
 - ``vqa_full``: the full human-centred prompt (T_vqa) -> the 15 numbered answer sentences;
 - ``vqa_single``: one aspect question -> its answer sentence;
+- ``attr_word``: a one-word attribute question ("What colour are the shoes?") -> "black";
 - ``attr_yesno``: a generic attribute question ("Is the upper-body garment red?") -> Yes/No,
   balanced;
 - ``loc_easy`` / ``loc_hard``: the anchor-localization prompt T_loc with a caption -> Yes/No.
@@ -61,20 +62,23 @@ from mllm_tune.prompts import DEFAULT_PROMPTS, PromptSet
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("vqa_full", "vqa_single", "attr_yesno", "loc_easy", "loc_hard", "aggr")
+TASKS = ("vqa_full", "vqa_single", "attr_word", "attr_yesno", "loc_easy", "loc_hard", "aggr")
 
 # Task weights per curriculum stage. "attributes" teaches what is in the image and the Yes/No
 # answer on one attribute at a time; "matching" teaches the T_loc conjunction, keeping some
 # attribute rows so recognition is not forgotten.
 STAGES: dict[str, dict[str, float]] = {
-    "attributes": {"vqa_full": 0.03, "vqa_single": 0.27, "attr_yesno": 0.35, "loc_easy": 0.15, "loc_hard": 0.20},
-    "matching": {"vqa_full": 0.08, "vqa_single": 0.08, "attr_yesno": 0.14, "loc_easy": 0.25, "loc_hard": 0.40,
-                 "aggr": 0.05},
-    "all": {"vqa_full": 0.10, "vqa_single": 0.15, "attr_yesno": 0.20, "loc_easy": 0.20, "loc_hard": 0.30,
-            "aggr": 0.05},
+    "attributes": {"vqa_full": 0.08, "vqa_single": 0.40, "attr_yesno": 0.27, "loc_easy": 0.10, "loc_hard": 0.15},
+    "matching": {"vqa_full": 0.06, "vqa_single": 0.06, "attr_word": 0.12, "attr_yesno": 0.08, "loc_easy": 0.25,
+                 "loc_hard": 0.38, "aggr": 0.05},
+    # attribute grounding: short answers that carry only what the image shows
+    "grounding": {"vqa_full": 0.03, "vqa_single": 0.05, "attr_word": 0.45, "attr_yesno": 0.20, "loc_easy": 0.12,
+                  "loc_hard": 0.15},
+    "all": {"vqa_full": 0.08, "vqa_single": 0.10, "attr_word": 0.17, "attr_yesno": 0.15, "loc_easy": 0.20,
+            "loc_hard": 0.25, "aggr": 0.05},
 }
 # The largest number of caption groups (besides gender) a T_loc caption may mention per stage.
-STAGE_MAX_GROUPS = {"attributes": 1, "matching": 4, "all": 4}
+STAGE_MAX_GROUPS = {"attributes": 1, "grounding": 2, "matching": 4, "all": 4}
 
 # Alternatives of each attribute, used to draw a different value (a counterfactual person).
 _VALUES: dict[str, Sequence[object]] = {
@@ -93,6 +97,26 @@ _VALUES: dict[str, Sequence[object]] = {
     "hat": (True, False),
     "glasses": (True, False),
 }
+
+# One-word attribute questions: the answer is the attribute alone, so the whole loss of the row
+# sits on what the image shows (in a sentence answer most tokens follow from the question).
+_WORD_QUESTIONS: tuple[tuple[str, str], ...] = (
+    ("gender", "Is the person a man or a woman?"),
+    ("hair_length", "Is the hair short or long?"),
+    ("hair_color", "What colour is the hair?"),
+    ("upper_color", "What colour is the upper-body garment?"),
+    ("upper_type", "What type is the upper-body garment?"),
+    ("sleeve", "Are the sleeves short or long?"),
+    ("lower_color", "What colour are the trousers or skirt?"),
+    ("lower_type", "What type is the lower garment?"),
+    ("lower_length", "Is the lower garment short or long?"),
+    ("shoes_color", "What colour are the shoes?"),
+    ("bag", "What bag does the person carry?"),
+    ("bag_color", "What colour is the bag?"),
+    ("hat", "Is the person wearing a hat?"),
+    ("glasses", "Is the person wearing glasses?"),
+)
+WORD_SUFFIX = " Answer with one word."
 
 # Generic yes/no attribute questions: (attribute key, question template with {v}).
 _YESNO_QUESTIONS: tuple[tuple[str, str], ...] = (
@@ -251,6 +275,14 @@ class Builder:
         path, pid, _, _, a = self._pick()
         i = self.rng.choice(INFORMATIVE_ASPECTS)
         return _row(path, self.prompts.vqa_aspects[i], vqa_answers(a)[i], "vqa_single", pid=pid)
+
+    def attr_word(self) -> dict:
+        path, pid, _, _, a = self._pick()
+        d = asdict(a)
+        key, q = self.rng.choice([kq for kq in _WORD_QUESTIONS if kq[0] != "bag_color" or a.bag != "none"])
+        v = d[key]
+        answer = ("Yes" if v else "No") if isinstance(v, bool) else str(v)
+        return _row(path, q + WORD_SUFFIX, answer, "attr_word", pid=pid)
 
     def attr_yesno(self) -> dict:
         path, pid, _, _, a = self._pick()

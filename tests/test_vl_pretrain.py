@@ -182,3 +182,15 @@ def test_rows_train_through_trl_collator(synth_root, tiny_qwen2_vl):
     collator = DataCollatorForVisionLanguageModeling(processor)
     batch = collator([ds[i] for i in range(len(ds))])
     assert batch["pixel_values"].shape[0] > 0 and (batch["labels"] != -100).any()
+
+
+def test_one_word_answers_are_the_ground_truth(synth_root):
+    gt = load_ground_truth(synth_root)
+    b = Builder(synth_root, seed=9)
+    for _ in range(60):
+        row = b.attr_word()
+        a = asdict(gt["ids"][row["image_pid"]])
+        answer = _answer(row)
+        assert " " not in answer or answer in ("shoulder bag",), answer
+        assert answer in {str(v) for v in a.values()} | {"Yes", "No"}
+        assert _user_text(row).endswith("Answer with one word.")

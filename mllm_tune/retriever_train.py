@@ -381,11 +381,11 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            sums["loss"] += float(loss)
-            sums["match"] += float(l_match)
-            sums["rda"] += float(l_rda)
+            sums["loss"] += float(loss.detach())
+            sums["match"] += float(l_match.detach())
+            sums["rda"] += float(l_rda.detach())
             n += 1
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{sums['loss'] / n:.4f}")
         rec: dict[str, Any] = {"epoch": epoch, "loss": sums["loss"] / max(n, 1), "loss_match": sums["match"] / max(n, 1),
                                "loss_rda": sums["rda"] / max(n, 1), "gamma": gamma,
                                "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 2)}

@@ -209,8 +209,8 @@ def train_clip_tokenizer(vocab_size: int = 1000, seed: int = 0, max_len: int = 7
     tok.train_from_iterator(tokenizer_corpus(seed=seed), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<|startoftext|> $A <|endoftext|>", special_tokens=[(t, tok.token_to_id(t)) for t in specials])
-    # pad with the end token, as OpenAI CLIP checkpoints on the hub do; the EOS is the highest id,
-    # which is how CLIP's text model finds it when eos_token_id is the legacy value 2.
+    # pad with the end token, as OpenAI CLIP checkpoints on the hub do; CLIP's text model pools at
+    # the first occurrence of eos_token_id (written into the config below).
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
                                    unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=max_len)
 

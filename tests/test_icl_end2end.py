@@ -147,8 +147,11 @@ def test_sigkilled_process_resumes_from_cache(synth_root, tmp_path):
     while time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
         if db.exists():
-            with sqlite3.connect(db, timeout=30) as con:
-                rows = con.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+            try:
+                with sqlite3.connect(db, timeout=30) as con:
+                    rows = con.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+            except sqlite3.OperationalError:  # the file exists a moment before its table does
+                continue
             if rows >= 12:
                 break
     assert proc.poll() is None, "the run finished before it could be killed"

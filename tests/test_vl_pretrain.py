@@ -194,3 +194,19 @@ def test_one_word_answers_are_the_ground_truth(synth_root):
         assert " " not in answer or answer in ("shoulder bag",), answer
         assert answer in {str(v) for v in a.values()} | {"Yes", "No"}
         assert _user_text(row).endswith("Answer with one word.")
+
+
+def test_batches_for_a_sequential_sampler_mix_short_tasks(synth_root):
+    from data_builders.vl_pretrain import LONG_TASKS
+
+    mix = {"attr_word": 0.5, "loc_hard": 0.25, "vqa_full": 0.25}  # 240 short rows, 80 long: whole batches
+    rows = build_rows(synth_root, 320, "all", seed=10, mix=mix, batch_size=16)
+    plain = build_rows(synth_root, 320, "all", seed=10, mix=mix)
+    assert Counter(r["task"] for r in rows) == Counter(r["task"] for r in plain) and rows != plain
+    batches = [rows[i:i + 16] for i in range(0, 320, 16)]
+    long_batches = [b for b in batches if all(r["task"] in LONG_TASKS for r in b)]
+    short_batches = [b for b in batches if not any(r["task"] in LONG_TASKS for r in b)]
+    assert len(long_batches) == 5 and len(short_batches) == 15
+    # short batches mix the tasks (no one-question batches)
+    assert all(len({r["task"] for r in b}) == 2 for b in short_batches)
+    assert build_rows(synth_root, 320, "all", seed=10, mix=mix, batch_size=16) == rows

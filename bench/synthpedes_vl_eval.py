@@ -9,6 +9,7 @@ Measures, on identities the model never saw:
   logits at the first answer position, and ``*_greedy_valid`` is the share of rows whose greedy
   first token is "Yes" or "No" (so the score is what greedy decoding answers);
 - generic attribute yes/no accuracy (``attr_yesno``);
+- one-word colour answers (``color_word``: upper, lower, hair, shoes colour; chance 0.10-0.25);
 - single-aspect VQA exact match per informative aspect, and optionally the full T_vqa prompt
   (``--nfull``): the numbered answer lines compared with the ground-truth sentences.
 """
@@ -77,6 +78,16 @@ def evaluate(model_dir: str, root: str, split: str = "test", n: int = 400, nvqa:
     res["loc_greedy_generate_acc"] = round(
         sum((g.strip().lower().startswith("yes")) == (r["label"] == "Yes") for g, r in zip(gen, rows)) / len(rows), 4)
     res["loc_greedy_examples"] = gen[:4]
+
+    # one-word colour answers: does the model read the image at all
+    b = Builder(root, seed=11, split=split)
+    rows = [b.attr_color() for _ in range(nvqa)]
+    hits: dict[str, list[bool]] = {}
+    for r, g in zip(rows, generate(rows, 4)):
+        q = r["messages"][0]["content"][-1]["text"]
+        hits.setdefault(q.split("?")[0], []).append(g.strip() == r["label"] or g.strip() == r["messages"][1]["content"][0]["text"])
+    res["color_word"] = {k: round(sum(v) / len(v), 3) for k, v in sorted(hits.items())}
+    res["color_word_mean"] = round(sum(map(sum, hits.values())) / sum(map(len, hits.values())), 4)
 
     b = Builder(root, seed=5, split=split)
     rows = []

@@ -15,6 +15,7 @@ Every answer comes from the generator's ground truth. Tasks (``TASKS``):
 - ``vqa_full``: the full human-centred prompt (T_vqa) -> the 15 numbered answer sentences;
 - ``vqa_single``: one aspect question -> its answer sentence;
 - ``attr_word``: a one-word attribute question ("What colour are the shoes?") -> "black";
+  ``attr_color`` asks only the four colour questions (the first thing the model learns to read);
 - ``attr_yesno``: a generic attribute question ("Is the upper-body garment red?") -> Yes/No,
   balanced;
 - ``loc_easy`` / ``loc_hard``: the anchor-localization prompt T_loc with a caption -> Yes/No.
@@ -62,7 +63,9 @@ from mllm_tune.prompts import DEFAULT_PROMPTS, PromptSet
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("vqa_full", "vqa_single", "attr_word", "attr_yesno", "loc_easy", "loc_hard", "aggr")
+TASKS = ("vqa_full", "vqa_single", "attr_color", "attr_word", "attr_yesno", "loc_easy", "loc_hard", "aggr")
+# the colour questions, learned first (few readouts of large regions)
+COLOR_KEYS = ("upper_color", "lower_color", "hair_color", "shoes_color")
 
 # Task weights per curriculum stage. "attributes" teaches what is in the image and the Yes/No
 # answer on one attribute at a time; "matching" teaches the T_loc conjunction, keeping some
@@ -71,6 +74,8 @@ STAGES: dict[str, dict[str, float]] = {
     "attributes": {"vqa_full": 0.08, "vqa_single": 0.40, "attr_yesno": 0.27, "loc_easy": 0.10, "loc_hard": 0.15},
     "matching": {"vqa_full": 0.06, "vqa_single": 0.06, "attr_word": 0.12, "attr_yesno": 0.08, "loc_easy": 0.25,
                  "loc_hard": 0.38, "aggr": 0.05},
+    # colours only: a few readouts of large regions, learned much faster than all attributes at once
+    "colors": {"attr_color": 0.75, "attr_word": 0.10, "loc_easy": 0.075, "loc_hard": 0.075},
     # attribute grounding: short answers that carry only what the image shows
     "grounding": {"vqa_full": 0.04, "vqa_single": 0.06, "attr_word": 0.55, "attr_yesno": 0.17, "loc_easy": 0.08,
                   "loc_hard": 0.10},
@@ -78,7 +83,7 @@ STAGES: dict[str, dict[str, float]] = {
             "loc_hard": 0.25, "aggr": 0.05},
 }
 # The largest number of caption groups (besides gender) a T_loc caption may mention per stage.
-STAGE_MAX_GROUPS = {"attributes": 1, "grounding": 2, "matching": 4, "all": 4}
+STAGE_MAX_GROUPS = {"attributes": 1, "colors": 1, "grounding": 2, "matching": 4, "all": 4}
 
 # Alternatives of each attribute, used to draw a different value (a counterfactual person).
 _VALUES: dict[str, Sequence[object]] = {
@@ -276,13 +281,17 @@ class Builder:
         i = self.rng.choice(INFORMATIVE_ASPECTS)
         return _row(path, self.prompts.vqa_aspects[i], vqa_answers(a)[i], "vqa_single", pid=pid)
 
-    def attr_word(self) -> dict:
+    def attr_color(self) -> dict:
+        return self.attr_word(keys=COLOR_KEYS, task="attr_color")
+
+    def attr_word(self, keys: Sequence[str] | None = None, task: str = "attr_word") -> dict:
         path, pid, _, _, a = self._pick()
         d = asdict(a)
-        key, q = self.rng.choice([kq for kq in _WORD_QUESTIONS if kq[0] != "bag_color" or a.bag != "none"])
+        key, q = self.rng.choice([kq for kq in _WORD_QUESTIONS if (kq[0] != "bag_color" or a.bag != "none")
+                                  and (keys is None or kq[0] in keys)])
         v = d[key]
         answer = ("Yes" if v else "No") if isinstance(v, bool) else str(v)
-        return _row(path, q + WORD_SUFFIX, answer, "attr_word", pid=pid)
+        return _row(path, q + WORD_SUFFIX, answer, task, pid=pid)
 
     def attr_yesno(self) -> dict:
         path, pid, _, _, a = self._pick()

@@ -14,6 +14,7 @@ DEMO_MODELS_DIR = Path(__file__).resolve().parent.parent / "demo_models"
 # name -> folder under demo_models/, and the file that proves it is complete
 DEMO_MODELS: dict[str, str] = {
     "synthpedes-vl": "synthpedes-vl",
+    "clip-synthpedes": "clip-synthpedes",
 }
 
 

@@ -42,6 +42,23 @@ def model_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def local_model_identity(backend: Any, decoding: dict[str, Any]) -> dict[str, Any]:
+    """Cache identity of a backend serving a local model folder (+ optional adapter): the model's
+    fingerprint, the adapter's content hash, which tasks use it, decoding, pixels and dtype."""
+    adapter = backend.adapter_path
+    return {
+        "kind": backend.kind,
+        "model": str(backend.model_path.resolve()),
+        "model_fingerprint": model_fingerprint(backend.model_path),
+        "adapter": str(adapter.resolve()) if adapter else None,
+        "adapter_sha256": dir_sha256(adapter) if adapter else None,
+        "adapter_tasks": list(backend.adapter_tasks) if backend.adapter_tasks else "all",
+        "decoding": decoding,
+        "pixels": {"min": backend.min_pixels, "max": backend.max_pixels},
+        "dtype": backend.dtype,
+    }
+
+
 class HFBackend(MLLMBackend):
     kind = "hf"
 
@@ -77,17 +94,7 @@ class HFBackend(MLLMBackend):
         self._processor = None
 
     def identity(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "model": str(self.model_path.resolve()),
-            "model_fingerprint": model_fingerprint(self.model_path),
-            "adapter": str(self.adapter_path.resolve()) if self.adapter_path else None,
-            "adapter_sha256": dir_sha256(self.adapter_path) if self.adapter_path else None,
-            "adapter_tasks": list(self.adapter_tasks) if self.adapter_tasks else "all",
-            "decoding": {"greedy": True, "max_new_tokens": self.max_new_tokens},
-            "pixels": {"min": self.min_pixels, "max": self.max_pixels},
-            "dtype": self.dtype,
-        }
+        return local_model_identity(self, {"greedy": True, "max_new_tokens": self.max_new_tokens})
 
     # -- loading ---------------------------------------------------------------------------
     def _load(self) -> None:

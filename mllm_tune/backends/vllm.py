@@ -14,8 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from .base import BackendError, MLLMBackend, MLLMRequest, dir_sha256
-from .hf import model_fingerprint
+from .base import BackendError, MLLMBackend, MLLMRequest
+from .hf import local_model_identity
 from .openai_compat import image_data_url
 
 logger = logging.getLogger(__name__)
@@ -71,17 +71,7 @@ class VLLMBackend(MLLMBackend):
         self._llm = None
 
     def identity(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "model": str(self.model_path.resolve()),
-            "model_fingerprint": model_fingerprint(self.model_path),
-            "adapter": str(self.adapter_path.resolve()) if self.adapter_path else None,
-            "adapter_sha256": dir_sha256(self.adapter_path) if self.adapter_path else None,
-            "adapter_tasks": list(self.adapter_tasks) if self.adapter_tasks else "all",
-            "decoding": {"temperature": self.temperature, "max_tokens": self.max_new_tokens},
-            "pixels": {"min": self.min_pixels, "max": self.max_pixels},
-            "dtype": self.dtype,
-        }
+        return local_model_identity(self, {"temperature": self.temperature, "max_tokens": self.max_new_tokens})
 
     def _engine(self):
         if self._llm is None:

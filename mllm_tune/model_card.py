@@ -17,9 +17,12 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def render_card(base_model: str, data: dict, lora: dict, training: dict, metrics: dict,
+def render_card(base_model: str, data: dict, lora: dict | None, training: dict, metrics: dict,
                 adapter_ref: str = "ADAPTER_DIR_OR_REPO") -> str:
-    """The card text. Everything it states comes from the arguments (nothing is made up)."""
+    """The card text. Everything it states comes from the arguments (nothing is made up).
+    ``lora=None`` describes a full fine-tune (a whole model, no adapter)."""
+    if lora is None:
+        return _render_full_card(base_model, data, training, metrics, adapter_ref)
     eval_rows = [(k, v) for k, v in sorted(metrics.items()) if k.startswith("eval_") and isinstance(v, (int, float))]
     train_rows = [(k, metrics[k]) for k in ("train_loss", "global_step", "train_runtime", "train_samples_per_second")
                   if k in metrics]
@@ -88,6 +91,46 @@ def render_card(base_model: str, data: dict, lora: dict, training: dict, metrics
     return "\n".join(lines)
 
 
+def _render_full_card(base_model: str, data: dict, training: dict, metrics: dict, model_ref: str) -> str:
+    rows = [(k, v) for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
+    return "\n".join([
+        "---",
+        f"base_model: {json.dumps(base_model)}",
+        "library_name: transformers",
+        "pipeline_tag: image-text-to-text",
+        "tags:",
+        "- sft",
+        "- trl",
+        "- person-reid",
+        "---",
+        "",
+        f"# Full fine-tune of {base_model}",
+        "",
+        "Every language-model weight trained with `mllm_tune/sft.py` (`use_peft: false`; TRL SFTTrainer,",
+        "loss on the answer tokens only).",
+        "",
+        "## Data",
+        *[f"- {k}: {_fmt(v)}" for k, v in data.items()],
+        "",
+        "## Training",
+        *[f"- {k}: {_fmt(v)}" for k, v in training.items()],
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {k} | {_fmt(v)} |" for k, v in rows],
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "from transformers import AutoModelForImageTextToText, AutoProcessor",
+        "",
+        f"model = AutoModelForImageTextToText.from_pretrained({model_ref!r})",
+        f"processor = AutoProcessor.from_pretrained({model_ref!r})",
+        "```",
+        "",
+    ])
+
+
 def write_model_card(out_dir: str | Path, cfg: Any, metrics: dict, data_info: dict) -> Path:
     """Write README.md for a finished run (`cfg` is a `sft_config.RunConfig`)."""
     t = cfg.training
@@ -114,7 +157,9 @@ def write_model_card(out_dir: str | Path, cfg: Any, metrics: dict, data_info: di
         "precision": "bf16" if t.bf16 else ("fp16" if t.fp16 else "fp32"),
         "seed": t.seed,
     }
-    text = render_card(cfg.model.model_name_or_path, data_info, lora, training, metrics,
+    if not cfg.lora.use_peft:
+        training["vision tower"] = "frozen" if cfg.vision.freeze_vision_tower else "trained"
+    text = render_card(cfg.model.model_name_or_path, data_info, lora if cfg.lora.use_peft else None, training, metrics,
                        adapter_ref=t.hub_model_id or str(out_dir))
     path = Path(out_dir) / CARD_NAME
     path.write_text(text, encoding="utf-8")

@@ -248,11 +248,18 @@ def build_trainer(cfg: RunConfig, callbacks: Sequence[Any] | None = None):
                                          cfg.model.use_bnb_nested_quant)
     model = modeling.load_model(cfg.model.model_name_or_path, dtype, cfg.model.model_revision,
                                 cfg.model.attn_implementation, quant, t.trust_remote_code)
-    peft_config = modeling.build_lora_config(
-        model, r=cfg.lora.lora_r, alpha=cfg.lora.lora_alpha, dropout=cfg.lora.lora_dropout,
-        target_modules=cfg.lora.lora_target_modules, freeze_vision_tower=cfg.vision.freeze_vision_tower,
-        modules_to_save=cfg.lora.lora_modules_to_save, use_rslora=cfg.lora.use_rslora, use_dora=cfg.lora.use_dora,
-    )
+    if cfg.lora.use_peft:
+        peft_config = modeling.build_lora_config(
+            model, r=cfg.lora.lora_r, alpha=cfg.lora.lora_alpha, dropout=cfg.lora.lora_dropout,
+            target_modules=cfg.lora.lora_target_modules, freeze_vision_tower=cfg.vision.freeze_vision_tower,
+            modules_to_save=cfg.lora.lora_modules_to_save, use_rslora=cfg.lora.use_rslora, use_dora=cfg.lora.use_dora,
+        )
+    else:  # full training (e.g. pre-training SynthPEDES-VL); the vision tower only if asked
+        peft_config = None
+        if cfg.vision.freeze_vision_tower:
+            for name, param in model.named_parameters():
+                if modeling.is_vision_module(name):
+                    param.requires_grad_(False)
     cls = make_trainer_class()
     trainer = cls(
         model=model, args=t, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=processor,

@@ -86,7 +86,11 @@ class VisionArguments:
 class LoraArguments:
     """LoRA settings (SPEC §4: r 8, alpha 16)."""
 
-    use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter (False is not supported here)."})
+    use_peft: bool = field(
+        default=True,
+        metadata={"help": "Train a LoRA adapter (default). False trains every language-model weight in full "
+                  "(and the vision tower too when freeze_vision_tower is false) and saves a whole model."},
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
@@ -285,8 +289,9 @@ def validate(cfg: RunConfig) -> None:
         raise RecipeError("model_name_or_path is required (in the recipe or as --model_name_or_path)")
     if not cfg.data.dataset_name:
         raise RecipeError("dataset_name is required (in the recipe or as --dataset_name)")
-    if not cfg.lora.use_peft:
-        raise RecipeError("use_peft: false is not supported: this trainer only trains LoRA adapters")
+    if not cfg.lora.use_peft and cfg.model.load_in_4bit:
+        raise RecipeError("use_peft: false with load_in_4bit: a 4-bit model cannot be trained in full; "
+                          "use LoRA (QLoRA) or load the model unquantised")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise RecipeError(f"eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
     if cfg.lora.lora_r <= 0:

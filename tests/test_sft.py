@@ -301,3 +301,26 @@ def test_every_recipe_and_launch_config_parses():
         if ds:
             stage = json.loads((RECIPE.parents[1] / ds).read_text())["zero_optimization"]["stage"]
             assert stage == (3 if "zero3" in acc.name else 2), acc
+
+
+def test_full_training_without_peft(tiny_models, pairs_dir, tmp_path):
+    """use_peft: false trains the language model in full (SynthPEDES-VL pre-training), keeps the
+    vision tower frozen unless asked, and saves a whole model that loads without PEFT."""
+    from safetensors.torch import load_file
+
+    from mllm_tune import sft
+    from mllm_tune.modeling import is_vision_module, load_model
+
+    model_dir = tiny_models("qwen2_vl")
+    out = tmp_path / "full"
+    argv = tiny_argv(model_dir, pairs_dir, out, learning_rate=3e-3, use_peft="false", lora_modules_to_save="null")
+    metrics = sft.main(argv)
+    assert metrics["global_step"] == 8
+    assert not (out / "adapter_config.json").exists()
+    before = load_file(str(model_dir / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and not [k for k in changed if is_vision_module(k)]  # vision tower frozen by default
+    load_model(str(out))  # a plain checkpoint
+    card = (out / "README.md").read_text()
+    assert "Full fine-tune" in card and "PeftModel" not in card and "vision tower: frozen" in card

@@ -42,6 +42,18 @@ def model_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def local_model_folders(kind: str, model: str | Path, adapter: str | Path | None) -> tuple[Path, Path | None]:
+    """Check a local model folder (and optional PEFT adapter folder) before anything loads."""
+    model_path = Path(model)
+    if not (model_path / "config.json").is_file():
+        raise BackendError(f"{kind} backend: {model_path} is not a model folder (no config.json); pass --model "
+                           "a local folder saved with save_pretrained")
+    adapter_path = Path(adapter) if adapter else None
+    if adapter_path is not None and not (adapter_path / "adapter_config.json").is_file():
+        raise BackendError(f"{kind} backend: {adapter_path} is not a PEFT adapter folder (no adapter_config.json)")
+    return model_path, adapter_path
+
+
 def local_model_identity(backend: Any, decoding: dict[str, Any]) -> dict[str, Any]:
     """Cache identity of a backend serving a local model folder (+ optional adapter): the model's
     fingerprint, the adapter's content hash, which tasks use it, decoding, pixels and dtype."""
@@ -76,13 +88,7 @@ class HFBackend(MLLMBackend):
         progress: bool = False,
         **_: Any,
     ) -> None:
-        self.model_path = Path(model)
-        if not (self.model_path / "config.json").is_file():
-            raise BackendError(f"hf backend: {self.model_path} is not a model folder (no config.json); pass --model "
-                               "a local folder saved with save_pretrained")
-        self.adapter_path = Path(adapter) if adapter else None
-        if self.adapter_path is not None and not (self.adapter_path / "adapter_config.json").is_file():
-            raise BackendError(f"hf backend: {self.adapter_path} is not a PEFT adapter folder (no adapter_config.json)")
+        self.model_path, self.adapter_path = local_model_folders(self.kind, model, adapter)
         self.adapter_tasks = tuple(adapter_tasks) if adapter_tasks else None
         self.max_new_tokens = int(max_new_tokens)
         self.batch_size = max(1, int(batch_size))

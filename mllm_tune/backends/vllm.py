@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .base import BackendError, MLLMBackend, MLLMRequest
-from .hf import local_model_identity
+from .hf import local_model_folders, local_model_identity
 from .openai_compat import image_data_url
 
 logger = logging.getLogger(__name__)
@@ -52,16 +52,10 @@ class VLLMBackend(MLLMBackend):
         **_: Any,
     ) -> None:
         self._vllm, self._LoRARequest = _import_vllm()
-        self.model_path = Path(model)
-        if not (self.model_path / "config.json").is_file():
-            raise BackendError(f"vllm backend: {self.model_path} is not a model folder (no config.json)")
-        self.adapter_path = Path(adapter) if adapter else None
+        self.model_path, self.adapter_path = local_model_folders(self.kind, model, adapter)
         self.adapter_rank = 0
         if self.adapter_path is not None:
-            cfg_file = self.adapter_path / "adapter_config.json"
-            if not cfg_file.is_file():
-                raise BackendError(f"vllm backend: {self.adapter_path} is not a PEFT adapter folder (no adapter_config.json)")
-            self.adapter_rank = int(json.loads(cfg_file.read_text()).get("r", 8))
+            self.adapter_rank = int(json.loads((self.adapter_path / "adapter_config.json").read_text()).get("r", 8))
         self.adapter_tasks = tuple(adapter_tasks) if adapter_tasks else None
         self.max_new_tokens = int(max_new_tokens)
         self.max_pixels, self.min_pixels = max_pixels, min_pixels

@@ -67,7 +67,7 @@ def evaluate(model_dir: str, root: str, split: str = "test", n: int = 400, nvqa:
 
     t0 = time.time()
     res: dict = {"model": str(model_dir), "root": str(root), "split": split, "n": n}
-    for task in ("loc_easy", "loc_hard", "attr_yesno"):
+    for task in ("loc_easy", "loc_hard", "loc_color", "attr_yesno", "color_yesno"):
         b = Builder(root, seed=123, split=split, max_groups=4)
         acc, valid = yesno([b.draw(task) for _ in range(n)])
         res[task] = round(acc, 4)

@@ -63,7 +63,8 @@ from mllm_tune.prompts import DEFAULT_PROMPTS, PromptSet
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("vqa_full", "vqa_single", "attr_color", "attr_word", "attr_yesno", "loc_easy", "loc_hard", "aggr")
+TASKS = ("vqa_full", "vqa_single", "attr_color", "attr_word", "attr_yesno", "color_yesno", "loc_easy", "loc_hard",
+         "loc_color", "aggr")
 # the colour questions, learned first (few readouts of large regions)
 COLOR_KEYS = ("upper_color", "lower_color", "hair_color", "shoes_color")
 
@@ -79,11 +80,16 @@ STAGES: dict[str, dict[str, float]] = {
     # attribute grounding: short answers that carry only what the image shows
     "grounding": {"vqa_full": 0.04, "vqa_single": 0.06, "attr_word": 0.55, "attr_yesno": 0.17, "loc_easy": 0.08,
                   "loc_hard": 0.10},
+    # comparison: the colour the model reads against a colour word in the prompt, alone
+    # (color_yesno) and inside a caption whose only wrong fact is a colour (loc_color)
+    # (a few full T_vqa and aggregation rows keep those answer formats)
+    "compare": {"attr_color": 0.23, "color_yesno": 0.28, "loc_color": 0.24, "loc_easy": 0.10, "loc_hard": 0.03,
+                "vqa_single": 0.08, "vqa_full": 0.02, "aggr": 0.02},
     "all": {"vqa_full": 0.08, "vqa_single": 0.10, "attr_word": 0.17, "attr_yesno": 0.15, "loc_easy": 0.20,
             "loc_hard": 0.25, "aggr": 0.05},
 }
 # The largest number of caption groups (besides gender) a T_loc caption may mention per stage.
-STAGE_MAX_GROUPS = {"attributes": 1, "colors": 1, "grounding": 2, "matching": 4, "all": 4}
+STAGE_MAX_GROUPS = {"attributes": 1, "colors": 1, "compare": 2, "grounding": 2, "matching": 4, "all": 4}
 
 # Alternatives of each attribute, used to draw a different value (a counterfactual person).
 _VALUES: dict[str, Sequence[object]] = {
@@ -293,18 +299,22 @@ class Builder:
         answer = ("Yes" if v else "No") if isinstance(v, bool) else str(v)
         return _row(path, q + WORD_SUFFIX, answer, task, pid=pid)
 
-    def attr_yesno(self) -> dict:
+    def color_yesno(self) -> dict:
+        return self.attr_yesno(keys=COLOR_KEYS, task="color_yesno")
+
+    def attr_yesno(self, keys: Sequence[str] | None = None, task: str = "attr_yesno") -> dict:
         path, pid, _, _, a = self._pick()
         d = asdict(a)
-        want_yes = self._next_label("attr_yesno")
+        want_yes = self._next_label(task)
+        questions = [kq for kq in _YESNO_QUESTIONS if keys is None or kq[0] in keys]
         while True:
-            key, q = self.rng.choice(_YESNO_QUESTIONS)
+            key, q = self.rng.choice(questions)
             if key == "bag_color" and a.bag == "none":
                 continue
             if key in ("hat", "glasses"):
                 if d[key] != want_yes:  # no value to change in the question: ask another one
                     continue
-                return _row(path, q + YESNO_SUFFIX, "Yes" if want_yes else "No", "attr_yesno",
+                return _row(path, q + YESNO_SUFFIX, "Yes" if want_yes else "No", task,
                             "Yes" if want_yes else "No", pid)
             values = [v for v in _VALUES[key] if v != "none"]  # "carrying a none" is no question
             if want_yes and d[key] not in values:
@@ -312,7 +322,7 @@ class Builder:
             break
         v = d[key] if want_yes else self.rng.choice([x for x in values if x != d[key]])
         label = "Yes" if v == d[key] else "No"
-        return _row(path, q.format(v=v) + YESNO_SUFFIX, label, "attr_yesno", label, pid)
+        return _row(path, q.format(v=v) + YESNO_SUFFIX, label, task, label, pid)
 
     def _next_label(self, task: str) -> bool:
         """Alternate Yes/No per task, so every task's labels are balanced exactly."""
@@ -326,15 +336,16 @@ class Builder:
             return self.rng.choice(annotated)
         return caption_with_groups(a, self.rng, self.max_groups)[0]
 
-    def loc(self, hard: bool) -> dict:
+    def loc(self, hard: bool, color_only: bool = False) -> dict:
+        """T_loc; ``color_only``: a hard negative whose changed facts are colours only."""
         path, pid, caps, mentions, a = self._pick()
-        task = "loc_hard" if hard else "loc_easy"
+        task = "loc_color" if color_only else "loc_hard" if hard else "loc_easy"
         if self._next_label(task):
             return _row(path, self.prompts.render_loc(self._positive_caption(a, caps, mentions)), "Yes", task, "Yes", pid)
-        for _ in range(100):
+        for _ in range(200):
             if hard:
                 text, groups = caption_with_groups(a, self.rng, self.max_groups)
-                keys = [k for g in groups for k in GROUP_KEYS[g]]
+                keys = [k for g in groups for k in GROUP_KEYS[g] if not color_only or k in COLOR_KEYS]
                 n = 1 if self.rng.random() < 0.7 else 2
                 b = counterfactual(a, keys, n, self.rng)
                 if b is None:
@@ -376,6 +387,8 @@ class Builder:
             return self.loc(hard=False)
         if task == "loc_hard":
             return self.loc(hard=True)
+        if task == "loc_color":
+            return self.loc(hard=True, color_only=True)
         if task not in TASKS:
             raise ValueError(f"unknown task '{task}': choose from {', '.join(TASKS)}")
         return getattr(self, task)()

@@ -210,3 +210,49 @@ def test_batches_for_a_sequential_sampler_mix_short_tasks(synth_root):
     # short batches mix the tasks (no one-question batches)
     assert all(len({r["task"] for r in b}) == 2 for b in short_batches)
     assert build_rows(synth_root, 320, "all", seed=10, mix=mix, batch_size=16) == rows
+
+
+def test_color_yesno_asks_only_colours_and_is_true(synth_root):
+    gt = load_ground_truth(synth_root)
+    b = Builder(synth_root, seed=8)
+    rows = [b.color_yesno() for _ in range(80)]
+    assert Counter(r["label"] for r in rows) == {"Yes": 40, "No": 40}
+    for r in rows:
+        a = asdict(gt["ids"][r["image_pid"]])
+        q = _user_text(r)
+        key = next(k for k, prefix in (("upper_color", "Is the upper-body garment "), ("lower_color", "Are the trousers or skirt "),
+                                       ("hair_color", "Is the person's hair "), ("shoes_color", "Are the shoes "))
+                   if q.startswith(prefix))
+        asked = q.split("?")[0].rsplit(" ", 1)[1]
+        assert (asked == a[key]) == (r["label"] == "Yes"), (q, a[key], r["label"])
+
+
+def test_loc_color_negatives_differ_only_in_colours(synth_root):
+    """A loc_color No caption contradicts the image in one or two colours and nothing else."""
+    from data_builders import vl_pretrain
+
+    gt = load_ground_truth(synth_root)
+    seen = []
+    orig = vl_pretrain.mentioned_facts
+
+    def spy(a, groups):
+        facts = orig(a, groups)
+        seen.append(facts)
+        return facts
+
+    vl_pretrain.mentioned_facts = spy
+    try:
+        b = Builder(synth_root, seed=9, max_groups=2)
+        negatives = 0
+        for _ in range(40):
+            seen.clear()
+            row = b.draw("loc_color")
+            assert row["task"] == "loc_color"
+            if row["label"] == "No":
+                negatives += 1
+                a = asdict(gt["ids"][row["image_pid"]])
+                wrong = {k for k, v in seen[-1].items() if a[k] != v}
+                assert wrong and wrong <= {"upper_color", "lower_color", "hair_color", "shoes_color"}, wrong
+    finally:
+        vl_pretrain.mentioned_facts = orig
+    assert negatives == 20

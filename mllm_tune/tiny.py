@@ -40,6 +40,14 @@ QWEN_DEFAULTS: dict[str, Any] = {
     "num_key_value_heads": 2, "vision_depth": 1, "vision_hidden": 32, "vision_heads": 2,
     "image_pixels": 112 * 56,  # min = max pixels: 8 visual tokens per image after the 2x2 merge
 }
+# Named architectures: ``--preset synthpedes-vl`` is the shipped demo MLLM (0.90M parameters;
+# docs/synthpedes_vl.md says why this size).
+PRESETS: dict[str, dict[str, Any]] = {
+    "synthpedes-vl": {
+        "hidden_size": 128, "num_hidden_layers": 3, "intermediate_size": 384, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vision_depth": 1, "vision_hidden": 64, "vision_heads": 2, "image_pixels": 6272,
+    },
+}
 CLIP_DEFAULTS: dict[str, Any] = {
     "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
     "projection_dim": 64, "image_size": (128, 64), "patch_size": 16, "max_text_len": 77,
@@ -247,9 +255,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hidden-size", type=int, default=None)
     ap.add_argument("--num-hidden-layers", type=int, default=None)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="a named Qwen-VL architecture (synthpedes-vl: the demo MLLM, use with --family qwen2_vl)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    over = {k: v for k, v in {"hidden_size": args.hidden_size, "num_hidden_layers": args.num_hidden_layers}.items() if v}
+    if args.preset and args.family == "clip":
+        ap.error(f"--preset {args.preset} is a Qwen-VL architecture; use --family qwen2_vl")
+    over = dict(PRESETS[args.preset]) if args.preset else {}
+    over.update({k: v for k, v in {"hidden_size": args.hidden_size, "num_hidden_layers": args.num_hidden_layers}.items() if v})
     out = build_tiny(args.family, args.out, seed=args.seed, **over)
     print(f"tiny {args.family} saved to {out}")
     return out

@@ -66,3 +66,23 @@ def test_unknown_family_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="unknown tiny model family"):
         build_tiny("llava", tmp_path)
+
+
+def test_preset_builds_the_shipped_synthpedes_vl_architecture(tmp_path):
+    """`python -m mllm_tune.tiny --preset synthpedes-vl` is the first step of the demo model's
+    reproduction: it must give exactly the shipped model's shapes."""
+    import json
+
+    from mllm_tune.demo_assets import demo_model
+    from mllm_tune.tiny import main
+
+    out = main(["--family", "qwen2_vl", "--preset", "synthpedes-vl", "--out", str(tmp_path / "m")])
+    built = json.loads((out / "config.json").read_text())
+    shipped = json.loads((demo_model("synthpedes-vl") / "config.json").read_text())
+    for part, keys in (("text_config", ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                                        "num_key_value_heads", "vocab_size")),
+                       ("vision_config", ("depth", "embed_dim", "num_heads", "hidden_size"))):
+        for k in keys:
+            assert built[part][k] == shipped[part][k], (part, k)
+    with pytest.raises(SystemExit):
+        main(["--family", "clip", "--preset", "synthpedes-vl", "--out", str(tmp_path / "c")])

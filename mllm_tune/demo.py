@@ -89,9 +89,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res = icl_end2end.main([
         "--dataset-root", str(data), "--dataset", "synthpedes", "--split", "test",
         "--retriever", clip, "--mllm", "hf", "--model", vl, "--adapter", str(lora), "--adapter-only-loc",
-        "--max-new-tokens", str(args.max_new_tokens), "--out", str(e2e),
+        "--max-new-tokens", str(args.max_new_tokens), "--xi", str(args.xi), "--out", str(e2e),
     ])
-    summary["thi"] = {"base": res["base"], "rounds": res["rounds"], "calls": res["calls"]}
+    summary["thi"] = {"xi": args.xi, "base": res["base"], "rounds": res["rounds"], "calls": res["calls"],
+                      "xi_sweep": res.get("xi_sweep")}
     summary["seconds"]["icl_end2end"] = round(time.perf_counter() - t, 1)
     summary["seconds"]["total"] = round(sum(summary["seconds"].values()), 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -112,13 +113,15 @@ def format_summary(s: dict[str, Any]) -> str:
         f"held-out anchor-localization (Yes/No) accuracy: shipped SynthPEDES-VL {_fmt(acc['shipped_model'])}"
         f" -> LoRA-tuned {_fmt(acc['lora_tuned'])}",
         f"retrieval on the SynthPEDES test split: R1 {base['R1']:.2f} -> {last['R1']:.2f} (THI, {len(s['thi']['rounds'])} rounds),"
-        f" mAP {base['mAP']:.2f} -> {last['mAP']:.2f}",
+        f" mAP {base['mAP']:.2f} -> {last['mAP']:.2f} (ξ {s['thi'].get('xi', 'n/a')})",
         f"wall time: {s['seconds']['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in s['seconds'].items() if k != 'total')})",
     ]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from mllm_tune.demo_assets import DEMO_THI_XI
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo", help="working folder for the demo's data, adapter and results")
     ap.add_argument("--num-ids", type=int, default=300, help="SynthPEDES identities")
@@ -128,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--mllm-model", default=None, help="MLLM folder (default: the shipped SynthPEDES-VL)")
     ap.add_argument("--retriever", default=None, help="retriever spec (default: the shipped clip-synthpedes)")
     ap.add_argument("--max-new-tokens", type=int, default=160, help="generation budget of T_vqa/T_aggr answers")
+    ap.add_argument("--xi", type=float, default=DEMO_THI_XI,
+                    help="THI confidence gate ξ (default: calibrated for the shipped retriever on the val split)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -164,3 +165,17 @@ def test_sigkilled_process_resumes_from_cache(synth_root, tmp_path):
     res = main(_argv(synth_root, out, *extra))
     assert sum(res["backend_calls"].values()) == total - kept  # nothing asked twice
     assert res["rounds"] == ref["rounds"] and res["calls"] == ref["calls"]
+
+
+def test_no_argument_default_runs_the_shipped_demo_models(tmp_path, monkeypatch):
+    """`python -m eval.icl_end2end` with no arguments: the shipped models through the hf backend
+    (not the oracle), at the ξ calibrated for the shipped retriever."""
+    from eval.icl_end2end import build_parser, default_args
+    from mllm_tune.demo_assets import DEMO_THI_XI, demo_model
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(default_args())
+    assert args.mllm == "hf" and Path(args.model) == demo_model("synthpedes-vl")
+    assert Path(args.retriever) == demo_model("clip-synthpedes")
+    assert args.xi == DEMO_THI_XI and args.dataset == "synthpedes" and args.split == "test"
+    assert (Path(args.dataset_root) / "reid_raw.json").is_file()  # generated on first use

@@ -64,7 +64,7 @@ from mllm_tune.prompts import DEFAULT_PROMPTS, PromptSet
 logger = logging.getLogger(__name__)
 
 TASKS = ("vqa_full", "vqa_single", "attr_color", "attr_word", "attr_yesno", "color_yesno", "loc_easy", "loc_hard",
-         "loc_color", "aggr")
+         "loc_color", "aggr", "color_yesno_mt", "loc_color_mt")
 # the colour questions, learned first (few readouts of large regions)
 COLOR_KEYS = ("upper_color", "lower_color", "hair_color", "shoes_color")
 
@@ -85,11 +85,14 @@ STAGES: dict[str, dict[str, float]] = {
     # (a few full T_vqa and aggregation rows keep those answer formats)
     "compare": {"attr_color": 0.23, "color_yesno": 0.28, "loc_color": 0.24, "loc_easy": 0.10, "loc_hard": 0.03,
                 "vqa_single": 0.08, "vqa_full": 0.02, "aggr": 0.02},
+    # compare + two-turn bridges (say the colours, then answer) for the same Yes/No questions
+    "bridge": {"attr_color": 0.18, "color_yesno": 0.20, "loc_color": 0.20, "color_yesno_mt": 0.12, "loc_color_mt": 0.12,
+               "loc_easy": 0.06, "vqa_single": 0.06, "vqa_full": 0.03, "aggr": 0.03},
     "all": {"vqa_full": 0.08, "vqa_single": 0.10, "attr_word": 0.17, "attr_yesno": 0.15, "loc_easy": 0.20,
             "loc_hard": 0.25, "aggr": 0.05},
 }
 # The largest number of caption groups (besides gender) a T_loc caption may mention per stage.
-STAGE_MAX_GROUPS = {"attributes": 1, "colors": 1, "compare": 2, "grounding": 2, "matching": 4, "all": 4}
+STAGE_MAX_GROUPS = {"attributes": 1, "colors": 1, "compare": 2, "bridge": 2, "grounding": 2, "matching": 4, "all": 4}
 
 # Alternatives of each attribute, used to draw a different value (a counterfactual person).
 _VALUES: dict[str, Sequence[object]] = {
@@ -147,6 +150,9 @@ _YESNO_QUESTIONS: tuple[tuple[str, str], ...] = (
     ("glasses", "Is the person wearing glasses?"),
 )
 YESNO_SUFFIX = " Answer with Yes or No only."
+# the readout turn of loc_color_mt: all four colours in one short answer
+READOUT_QUESTION = "What colours are the upper-body garment, the lower garment, the hair and the shoes?"
+READOUT_NAMES = {"upper_color": "upper", "lower_color": "lower", "hair_color": "hair", "shoes_color": "shoes"}
 IMAGE_TOKENS_GUESS = 8
 # Aspects of T_vqa whose ground-truth answer depends on the image (the others are constant).
 INFORMATIVE_ASPECTS = (0, 1, 2, 3, 5, 6, 8, 9, 10)
@@ -336,10 +342,10 @@ class Builder:
             return self.rng.choice(annotated)
         return caption_with_groups(a, self.rng, self.max_groups)[0]
 
-    def loc(self, hard: bool, color_only: bool = False) -> dict:
+    def loc(self, hard: bool, color_only: bool = False, task: str | None = None) -> dict:
         """T_loc; ``color_only``: a hard negative whose changed facts are colours only."""
         path, pid, caps, mentions, a = self._pick()
-        task = "loc_color" if color_only else "loc_hard" if hard else "loc_easy"
+        task = task or ("loc_color" if color_only else "loc_hard" if hard else "loc_easy")
         if self._next_label(task):
             return _row(path, self.prompts.render_loc(self._positive_caption(a, caps, mentions)), "Yes", task, "Yes", pid)
         for _ in range(200):
@@ -381,6 +387,42 @@ class Builder:
         if "gender" not in new_groups:
             new_groups.insert(0, "gender")  # the VQA facts use he/she
         return _row(None, self.prompts.render_aggr(text, facts), merged_description(a, new_groups), "aggr", pid=pid)
+
+    # two-turn bridges: the model first says what it sees (one-word colours), then answers the
+    # Yes/No question with that readout in its context. Comparing two words is learned in a few
+    # hundred steps; comparing a word with the image directly is what stalls (docs/synthpedes_vl.md).
+    def _readout_turn(self, row: dict, keys: Sequence[str]) -> dict:
+        a = asdict(self.gt["ids"][row["image_pid"]])
+        questions = dict(_WORD_QUESTIONS)
+        if len(keys) == 1:
+            q, ans = questions[keys[0]] + WORD_SUFFIX, str(a[keys[0]])
+        else:
+            q = READOUT_QUESTION
+            ans = ", ".join(f"{READOUT_NAMES[k]} {a[k]}" for k in keys)
+        user, answer = row["messages"]
+        row["messages"] = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]},
+            {"role": "assistant", "content": [{"type": "text", "text": ans}]},
+            {"role": "user", "content": [c for c in user["content"] if c["type"] == "text"]},
+            answer,
+        ]
+        row["task"] += "_mt"
+        row["length"] += (len(q) + len(ans)) // 4
+        return row
+
+    def color_yesno_mt(self) -> dict:
+        row = self.attr_yesno(keys=COLOR_KEYS, task="color_yesno_mt")
+        q = row["messages"][0]["content"][-1]["text"]
+        key = next(k for k, t in _YESNO_QUESTIONS if k in COLOR_KEYS and q.startswith(t.split("{v}")[0]))
+        row = self._readout_turn(row, [key])
+        row["task"] = "color_yesno_mt"
+        return row
+
+    def loc_color_mt(self) -> dict:
+        row = self.loc(hard=True, color_only=True, task="loc_color_mt")
+        row = self._readout_turn(row, list(COLOR_KEYS))
+        row["task"] = "loc_color_mt"
+        return row
 
     def draw(self, task: str) -> dict:
         if task == "loc_easy":

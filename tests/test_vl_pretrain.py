@@ -256,3 +256,25 @@ def test_loc_color_negatives_differ_only_in_colours(synth_root):
     finally:
         vl_pretrain.mentioned_facts = orig
     assert negatives == 20
+
+
+def test_two_turn_bridges_read_out_the_truth_then_ask(synth_root):
+    """color_yesno_mt / loc_color_mt: turn 1 is the ground-truth colour readout of the image,
+    turn 2 the same Yes/No question as the one-turn task, with a balanced, true label."""
+    gt = load_ground_truth(synth_root)
+    b = Builder(synth_root, seed=10, max_groups=2)
+    for task in ("color_yesno_mt", "loc_color_mt"):
+        rows = [b.draw(task) for _ in range(30)]
+        assert Counter(r["label"] for r in rows) == {"Yes": 15, "No": 15}
+        for r in rows:
+            a = asdict(gt["ids"][r["image_pid"]])
+            user1, readout, user2, answer = r["messages"]
+            assert r["task"] == task and [m["role"] for m in r["messages"]] == ["user", "assistant", "user", "assistant"]
+            assert user1["content"][0] == {"type": "image"} and all(c["type"] == "text" for c in user2["content"])
+            said = readout["content"][0]["text"]
+            if task == "loc_color_mt":
+                assert said == f"upper {a['upper_color']}, lower {a['lower_color']}, hair {a['hair_color']}, shoes {a['shoes_color']}"
+                assert user2["content"][0]["text"].startswith("Look at the pedestrian")
+            else:
+                assert said in {a[k] for k in ("upper_color", "lower_color", "hair_color", "shoes_color")}
+            assert answer["content"][0]["text"] == r["label"]

@@ -8,7 +8,10 @@ Measures, on identities the model never saw:
   one or two mentioned attributes changed); the prediction is the larger of the "Yes" and "No"
   logits at the first answer position, and ``*_greedy_valid`` is the share of rows whose greedy
   first token is "Yes" or "No" (so the score is what greedy decoding answers);
-- generic attribute yes/no accuracy (``attr_yesno``);
+- ``loc_near``: the negative caption describes the most similar of a few other identities (a
+  retriever's near miss);
+- generic attribute yes/no accuracy (``attr_yesno``), colour yes/no (``color_yesno``), and the
+  ``*_swap`` variants whose wrong colours are worn elsewhere on the same person;
 - one-word colour answers (``color_word``: upper, lower, hair, shoes colour; chance 0.10-0.25);
 - single-aspect VQA exact match per informative aspect, and optionally the full T_vqa prompt
   (``--nfull``): the numbered answer lines compared with the ground-truth sentences.
@@ -67,11 +70,15 @@ def evaluate(model_dir: str, root: str, split: str = "test", n: int = 400, nvqa:
 
     t0 = time.time()
     res: dict = {"model": str(model_dir), "root": str(root), "split": split, "n": n}
-    for task in ("loc_easy", "loc_hard", "loc_color", "attr_yesno", "color_yesno"):
-        b = Builder(root, seed=123, split=split, max_groups=4)
+    # *_swap: every wrong colour is one the person wears elsewhere (reading slot by slot needed)
+    for name, task, swap in (("loc_easy", "loc_easy", 0.0), ("loc_hard", "loc_hard", 0.0), ("loc_near", "loc_near", 0.0),
+                             ("loc_color", "loc_color", 0.0), ("loc_color_swap", "loc_color", 1.0),
+                             ("attr_yesno", "attr_yesno", 0.0), ("color_yesno", "color_yesno", 0.0),
+                             ("color_yesno_swap", "color_yesno", 1.0)):
+        b = Builder(root, seed=123, split=split, max_groups=4, swap_p=swap)
         acc, valid = yesno([b.draw(task) for _ in range(n)])
-        res[task] = round(acc, 4)
-        res[task + "_greedy_valid"] = round(valid, 4)
+        res[name] = round(acc, 4)
+        res[name + "_greedy_valid"] = round(valid, 4)
     b = Builder(root, seed=7, split=split)
     rows = [b.draw("loc_hard") for _ in range(32)]
     gen = generate(rows, 3)

@@ -64,7 +64,8 @@ from mllm_tune.prompts import DEFAULT_PROMPTS, PromptSet
 logger = logging.getLogger(__name__)
 
 TASKS = ("vqa_full", "vqa_single", "attr_color", "attr_word", "attr_yesno", "color_yesno", "loc_easy", "loc_hard",
-         "loc_color", "aggr", "color_yesno_mt", "loc_color_mt")
+         "loc_color", "loc_near", "aggr", "color_yesno_mt", "loc_color_mt")
+NEAR_POOL = 24  # identities a loc_near negative is chosen from
 # the colour questions, learned first (few readouts of large regions)
 COLOR_KEYS = ("upper_color", "lower_color", "hair_color", "shoes_color")
 
@@ -88,11 +89,16 @@ STAGES: dict[str, dict[str, float]] = {
     # compare + two-turn bridges (say the colours, then answer) for the same Yes/No questions
     "bridge": {"attr_color": 0.18, "color_yesno": 0.20, "loc_color": 0.20, "color_yesno_mt": 0.12, "loc_color_mt": 0.12,
                "loc_easy": 0.06, "vqa_single": 0.06, "vqa_full": 0.03, "aggr": 0.03},
+    # the bridge mix with slot-swapped colour negatives and retriever-like near-miss captions
+    "slots": {"attr_color": 0.14, "color_yesno": 0.18, "loc_color": 0.18, "loc_near": 0.14, "color_yesno_mt": 0.08,
+              "loc_color_mt": 0.08, "loc_hard": 0.06, "vqa_single": 0.07, "vqa_full": 0.035, "aggr": 0.035},
     "all": {"vqa_full": 0.08, "vqa_single": 0.10, "attr_word": 0.17, "attr_yesno": 0.15, "loc_easy": 0.20,
             "loc_hard": 0.25, "aggr": 0.05},
 }
 # The largest number of caption groups (besides gender) a T_loc caption may mention per stage.
-STAGE_MAX_GROUPS = {"attributes": 1, "colors": 1, "compare": 2, "bridge": 2, "grounding": 2, "matching": 4, "all": 4}
+# Share of wrong colours drawn from the person's other slots, per stage (0: uniform, as before).
+STAGE_SWAP = {"slots": 0.6}
+STAGE_MAX_GROUPS = {"attributes": 1, "colors": 1, "compare": 2, "bridge": 2, "slots": 3, "grounding": 2, "matching": 4, "all": 4}
 
 # Alternatives of each attribute, used to draw a different value (a counterfactual person).
 _VALUES: dict[str, Sequence[object]] = {
@@ -176,8 +182,24 @@ def _normalise(a: PersonAttributes) -> PersonAttributes | None:
     return PersonAttributes(**d)
 
 
-def counterfactual(a: PersonAttributes, keys: Sequence[str], n_changes: int, rng: random.Random) -> PersonAttributes | None:
-    """A person equal to ``a`` except for ``n_changes`` attributes drawn from ``keys``."""
+def other_value(d: dict, key: str, rng: random.Random, swap_p: float = 0.0) -> object:
+    """A value of ``key`` different from the person's. With probability ``swap_p`` a wrong colour
+    is one the person wears elsewhere (upper colour := the trousers' colour): a negative that
+    only slot-by-slot reading rejects. Without such rows the model learned "is this colour
+    anywhere in the image" and accepted a retriever's near misses, which share colours across
+    slots (docs/synthpedes_vl.md)."""
+    options = [v for v in _VALUES[key] if v != d[key]]
+    if key in COLOR_KEYS and swap_p > 0 and rng.random() < swap_p:
+        worn = [v for v in options if v in {d[k] for k in COLOR_KEYS if k != key}]
+        if worn:
+            return rng.choice(worn)
+    return rng.choice(options)
+
+
+def counterfactual(a: PersonAttributes, keys: Sequence[str], n_changes: int, rng: random.Random,
+                   swap_p: float = 0.0) -> PersonAttributes | None:
+    """A person equal to ``a`` except for ``n_changes`` attributes drawn from ``keys``
+    (``swap_p``: see :func:`other_value`)."""
     keys = [k for k in keys if k != "bag_color" or a.bag != "none"]
     if len(keys) < n_changes:
         return None
@@ -186,7 +208,7 @@ def counterfactual(a: PersonAttributes, keys: Sequence[str], n_changes: int, rng
         for k in rng.sample(keys, n_changes):
             if k == "bag_color" and d["bag"] == "none":
                 break
-            d[k] = rng.choice([v for v in _VALUES[k] if v != d[k]])
+            d[k] = other_value(d, k, rng, swap_p)
             if k == "bag" and d["bag"] != "none" and not d["bag_color"]:
                 d["bag_color"] = rng.choice(BAG_COLORS)
             if k == "lower_type":  # keep the length consistent with the new garment
@@ -257,7 +279,7 @@ class Builder:
     """Draws rows of each task from the train identities of a SynthPEDES folder."""
 
     def __init__(self, dataset_root: str | Path, seed: int = 0, prompts: PromptSet = DEFAULT_PROMPTS,
-                 split: str = "train", max_groups: int = 4):
+                 split: str = "train", max_groups: int = 4, swap_p: float = 0.0):
         root = Path(dataset_root).resolve()
         ann = root / "reid_raw.json"
         if not ann.is_file():
@@ -277,6 +299,7 @@ class Builder:
         self.rng = random.Random(seed)
         self.prompts = prompts
         self.max_groups = max_groups
+        self.swap_p = swap_p
         self._label_count: dict[str, int] = {}
 
     # one row per task ------------------------------------------------------------------------
@@ -326,7 +349,12 @@ class Builder:
             if want_yes and d[key] not in values:
                 continue
             break
-        v = d[key] if want_yes else self.rng.choice([x for x in values if x != d[key]])
+        if want_yes:
+            v = d[key]
+        elif self.swap_p > 0 and key in COLOR_KEYS:
+            v = other_value(d, key, self.rng, self.swap_p)
+        else:
+            v = self.rng.choice([x for x in values if x != d[key]])
         label = "Yes" if v == d[key] else "No"
         return _row(path, q.format(v=v) + YESNO_SUFFIX, label, task, label, pid)
 
@@ -342,10 +370,11 @@ class Builder:
             return self.rng.choice(annotated)
         return caption_with_groups(a, self.rng, self.max_groups)[0]
 
-    def loc(self, hard: bool, color_only: bool = False, task: str | None = None) -> dict:
-        """T_loc; ``color_only``: a hard negative whose changed facts are colours only."""
+    def loc(self, hard: bool, color_only: bool = False, task: str | None = None, near: bool = False) -> dict:
+        """T_loc; ``color_only``: a hard negative whose changed facts are colours only; ``near``: the
+        negative caption describes the most similar of a few other identities."""
         path, pid, caps, mentions, a = self._pick()
-        task = task or ("loc_color" if color_only else "loc_hard" if hard else "loc_easy")
+        task = task or ("loc_near" if near else "loc_color" if color_only else "loc_hard" if hard else "loc_easy")
         if self._next_label(task):
             return _row(path, self.prompts.render_loc(self._positive_caption(a, caps, mentions)), "Yes", task, "Yes", pid)
         for _ in range(200):
@@ -353,7 +382,7 @@ class Builder:
                 text, groups = caption_with_groups(a, self.rng, self.max_groups)
                 keys = [k for g in groups for k in GROUP_KEYS[g] if not color_only or k in COLOR_KEYS]
                 n = 1 if self.rng.random() < 0.7 else 2
-                b = counterfactual(a, keys, n, self.rng)
+                b = counterfactual(a, keys, n, self.rng, self.swap_p)
                 if b is None:
                     continue
                 # the same sentence plan, now describing the edited person
@@ -364,6 +393,16 @@ class Builder:
                 # keep only captions that differ from the truth in at most two mentioned keys
                 diff = sum(asdict(a)[k] != v for k, v in facts.items())
                 if diff > 2:
+                    continue
+            elif near:
+                # a retriever's near miss: of a few other identities, the one sharing the most
+                # attributes with this person, described by a caption that contradicts the image
+                d = asdict(a)
+                pool = [p for p in self.rng.sample(self.pids, min(NEAR_POOL, len(self.pids))) if p != pid]
+                other = max(pool, key=lambda p: sum(v == d[k] for k, v in asdict(self.gt["ids"][p]).items()))
+                b = self.gt["ids"][other]
+                text, groups2 = caption_with_groups(b, self.rng, self.max_groups)
+                if consistent(a, mentioned_facts(b, groups2)):
                     continue
             else:
                 other = self.rng.choice(self.pids)
@@ -431,6 +470,8 @@ class Builder:
             return self.loc(hard=True)
         if task == "loc_color":
             return self.loc(hard=True, color_only=True)
+        if task == "loc_near":
+            return self.loc(hard=False, near=True)
         if task not in TASKS:
             raise ValueError(f"unknown task '{task}': choose from {', '.join(TASKS)}")
         return getattr(self, task)()
@@ -466,7 +507,8 @@ def build_rows(dataset_root: str | Path, num_samples: int, stage: str = "matchin
     if stage not in STAGES:
         raise ValueError(f"unknown stage '{stage}': choose from {', '.join(STAGES)}")
     weights = mix or STAGES[stage]
-    b = Builder(dataset_root, seed=seed, prompts=prompts, max_groups=STAGE_MAX_GROUPS[stage])
+    b = Builder(dataset_root, seed=seed, prompts=prompts, max_groups=STAGE_MAX_GROUPS[stage],
+                swap_p=STAGE_SWAP.get(stage, 0.0))
     # exact counts per task (largest remainder), then a seeded shuffle
     total = sum(weights.values())
     raw = {t: num_samples * w / total for t, w in weights.items()}

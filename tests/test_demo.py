@@ -21,4 +21,8 @@ def test_demo_runs_end_to_end_with_shipped_models(tmp_path):
     assert len(s["thi"]["rounds"]) == 5 and s["thi"]["calls"]["loc"] > 0
     assert s["pairs"]["splits_used"] == ["train"]
     assert (out / "lora" / "adapter_config.json").is_file()
-    assert (out / "icl_end2end" / "results.json").is_file()
+    res = json.loads((out / "icl_end2end" / "results.json").read_text())
+    from mllm_tune.demo_assets import DEMO_THI_XI
+
+    # THI ran at the ξ calibrated for the shipped retriever, and the summary says so
+    assert res["config"]["xi"] == s["thi"]["xi"] == DEMO_THI_XI

@@ -278,3 +278,30 @@ def test_two_turn_bridges_read_out_the_truth_then_ask(synth_root):
             else:
                 assert said in {a[k] for k in ("upper_color", "lower_color", "hair_color", "shoes_color")}
             assert answer["content"][0]["text"] == r["label"]
+
+
+def test_slot_swapped_colours_and_near_negatives(synth_root):
+    """swap_p=1: every wrong colour asked about is worn elsewhere by the same person (when it can
+    be); loc_near negatives describe another identity and contradict the image."""
+    from data_builders.vl_pretrain import COLOR_KEYS, other_value
+
+    gt = load_ground_truth(synth_root)
+    b = Builder(synth_root, seed=12, swap_p=1.0, max_groups=3)
+    swapped = checked = 0
+    for _ in range(60):
+        r = b.color_yesno()
+        if r["label"] == "Yes":
+            continue
+        a = asdict(gt["ids"][r["image_pid"]])
+        asked = _user_text(r).split("?")[0].rsplit(" ", 1)[1]
+        worn = {a[k] for k in COLOR_KEYS}
+        checked += 1
+        swapped += asked in worn
+    assert checked == 30 and swapped >= 20  # some persons wear no other colour the slot allows
+    import random
+
+    rng = random.Random(0)
+    d = asdict(next(iter(gt["ids"].values())))
+    assert all(other_value(d, "upper_color", rng, 0.0) != d["upper_color"] for _ in range(20))
+    near = [b.draw("loc_near") for _ in range(20)]
+    assert Counter(r["label"] for r in near) == {"Yes": 10, "No": 10} and {r["task"] for r in near} == {"loc_near"}

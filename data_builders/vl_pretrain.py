@@ -64,10 +64,12 @@ from mllm_tune.prompts import DEFAULT_PROMPTS, PromptSet
 logger = logging.getLogger(__name__)
 
 TASKS = ("vqa_full", "vqa_single", "attr_color", "attr_word", "attr_yesno", "color_yesno", "loc_easy", "loc_hard",
-         "loc_color", "loc_near", "aggr", "color_yesno_mt", "loc_color_mt")
+         "loc_color", "loc_near", "aggr", "color_yesno_mt", "loc_color_mt", "attr_type", "type_yesno")
 NEAR_POOL = 24  # identities a loc_near negative is chosen from
 # the colour questions, learned first (few readouts of large regions)
 COLOR_KEYS = ("upper_color", "lower_color", "hair_color", "shoes_color")
+# shapes rather than colours: what a retriever's near misses differ in once the colours agree
+TYPE_KEYS = ("gender", "hair_length", "upper_type", "sleeve", "lower_type", "lower_length", "bag", "hat", "glasses")
 
 # Task weights per curriculum stage. "attributes" teaches what is in the image and the Yes/No
 # answer on one attribute at a time; "matching" teaches the T_loc conjunction, keeping some
@@ -92,13 +94,16 @@ STAGES: dict[str, dict[str, float]] = {
     # the bridge mix with slot-swapped colour negatives and retriever-like near-miss captions
     "slots": {"attr_color": 0.14, "color_yesno": 0.18, "loc_color": 0.18, "loc_near": 0.14, "color_yesno_mt": 0.08,
               "loc_color_mt": 0.08, "loc_hard": 0.06, "vqa_single": 0.07, "vqa_full": 0.035, "aggr": 0.035},
+    # the shapes (garment types, lengths, bag, hat, gender), keeping colours and T_loc
+    "types": {"attr_type": 0.28, "type_yesno": 0.14, "attr_color": 0.07, "color_yesno": 0.07, "loc_near": 0.14,
+              "loc_hard": 0.12, "loc_color": 0.04, "vqa_single": 0.07, "vqa_full": 0.035, "aggr": 0.035},
     "all": {"vqa_full": 0.08, "vqa_single": 0.10, "attr_word": 0.17, "attr_yesno": 0.15, "loc_easy": 0.20,
             "loc_hard": 0.25, "aggr": 0.05},
 }
 # The largest number of caption groups (besides gender) a T_loc caption may mention per stage.
 # Share of wrong colours drawn from the person's other slots, per stage (0: uniform, as before).
-STAGE_SWAP = {"slots": 0.6}
-STAGE_MAX_GROUPS = {"attributes": 1, "colors": 1, "compare": 2, "bridge": 2, "slots": 3, "grounding": 2, "matching": 4, "all": 4}
+STAGE_SWAP = {"slots": 0.6, "types": 0.6}
+STAGE_MAX_GROUPS = {"attributes": 1, "colors": 1, "compare": 2, "bridge": 2, "slots": 3, "types": 3, "grounding": 2, "matching": 4, "all": 4}
 
 # Alternatives of each attribute, used to draw a different value (a counterfactual person).
 _VALUES: dict[str, Sequence[object]] = {
@@ -327,6 +332,12 @@ class Builder:
         v = d[key]
         answer = ("Yes" if v else "No") if isinstance(v, bool) else str(v)
         return _row(path, q + WORD_SUFFIX, answer, task, pid=pid)
+
+    def attr_type(self) -> dict:
+        return self.attr_word(keys=TYPE_KEYS, task="attr_type")
+
+    def type_yesno(self) -> dict:
+        return self.attr_yesno(keys=TYPE_KEYS, task="type_yesno")
 
     def color_yesno(self) -> dict:
         return self.attr_yesno(keys=COLOR_KEYS, task="color_yesno")

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # these pins exist on PyPI and on the CPU dev machines. Override TORCH_PINS for another CUDA build.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench synthpedes-vl clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: venv
 
 bench: venv
 	$(BIN)/python -m bench
+
+# rebuild the shipped SynthPEDES-VL from scratch (~100 min on one CPU thread; see its model card)
+synthpedes-vl: venv
+	PY=$(BIN)/python bash bench/synthpedes_vl_reproduce.sh $(or $(OUT),/tmp/synthpedes_vl)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

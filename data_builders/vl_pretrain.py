@@ -64,7 +64,7 @@ from mllm_tune.prompts import DEFAULT_PROMPTS, PromptSet
 logger = logging.getLogger(__name__)
 
 TASKS = ("vqa_full", "vqa_single", "attr_color", "attr_word", "attr_yesno", "color_yesno", "loc_easy", "loc_hard",
-         "loc_color", "loc_near", "aggr", "color_yesno_mt", "loc_color_mt", "attr_type", "type_yesno")
+         "loc_color", "loc_near", "aggr", "color_yesno_mt", "loc_color_mt", "attr_type", "type_yesno", "loc_small")
 NEAR_POOL = 24  # identities a loc_near negative is chosen from
 # the colour questions, learned first (few readouts of large regions)
 COLOR_KEYS = ("upper_color", "lower_color", "hair_color", "shoes_color")
@@ -97,13 +97,16 @@ STAGES: dict[str, dict[str, float]] = {
     # the shapes (garment types, lengths, bag, hat, gender), keeping colours and T_loc
     "types": {"attr_type": 0.28, "type_yesno": 0.14, "attr_color": 0.07, "color_yesno": 0.07, "loc_near": 0.14,
               "loc_hard": 0.12, "loc_color": 0.04, "vqa_single": 0.07, "vqa_full": 0.035, "aggr": 0.035},
+    # hair and shoe colours inside captions: what a retriever's near misses differ in
+    "small": {"loc_small": 0.30, "loc_color": 0.10, "loc_near": 0.10, "color_yesno": 0.12, "attr_color": 0.12,
+              "loc_hard": 0.06, "vqa_single": 0.08, "vqa_full": 0.06, "aggr": 0.06},
     "all": {"vqa_full": 0.08, "vqa_single": 0.10, "attr_word": 0.17, "attr_yesno": 0.15, "loc_easy": 0.20,
             "loc_hard": 0.25, "aggr": 0.05},
 }
 # The largest number of caption groups (besides gender) a T_loc caption may mention per stage.
 # Share of wrong colours drawn from the person's other slots, per stage (0: uniform, as before).
-STAGE_SWAP = {"slots": 0.6, "types": 0.6}
-STAGE_MAX_GROUPS = {"attributes": 1, "colors": 1, "compare": 2, "bridge": 2, "slots": 3, "types": 3, "grounding": 2, "matching": 4, "all": 4}
+STAGE_SWAP = {"slots": 0.6, "types": 0.6, "small": 0.6}
+STAGE_MAX_GROUPS = {"attributes": 1, "colors": 1, "compare": 2, "bridge": 2, "slots": 3, "types": 3, "small": 3, "grounding": 2, "matching": 4, "all": 4}
 
 # Alternatives of each attribute, used to draw a different value (a counterfactual person).
 _VALUES: dict[str, Sequence[object]] = {
@@ -423,6 +426,28 @@ class Builder:
                     continue
             return _row(path, self.prompts.render_loc(text), "No", task, "No", pid)
         raise RuntimeError("could not draw a negative caption; is the train split too small?")
+
+    def loc_small(self) -> dict:
+        """T_loc on captions that mention the hair or the shoes; a negative differs from the image
+        only in the hair or shoe colour (small regions). A retriever's near misses mostly differ
+        there, and without these rows the model checked garment colours only (docs/synthpedes_vl.md)."""
+        path, pid, caps, mentions, a = self._pick()
+        want_yes = self._next_label("loc_small")
+        for _ in range(200):
+            if want_yes:
+                text, groups = caption_with_groups(a, self.rng, self.max_groups)
+                if {"hair", "shoes"} & set(groups):
+                    return _row(path, self.prompts.render_loc(text), "Yes", "loc_small", "Yes", pid)
+                continue
+            key = self.rng.choice(("hair_color", "shoes_color"))
+            b = counterfactual(a, [key], 1, self.rng, self.swap_p)
+            if b is None:
+                continue
+            text, groups = caption_with_groups(b, self.rng, self.max_groups)
+            if {"hair_color": "hair", "shoes_color": "shoes"}[key] not in groups or consistent(a, mentioned_facts(b, groups)):
+                continue
+            return _row(path, self.prompts.render_loc(text), "No", "loc_small", "No", pid)
+        raise RuntimeError("could not draw a loc_small caption; is the train split too small?")
 
     def aggr(self) -> dict:
         _, pid, _, _, a = self._pick()

@@ -305,3 +305,33 @@ def test_slot_swapped_colours_and_near_negatives(synth_root):
     assert all(other_value(d, "upper_color", rng, 0.0) != d["upper_color"] for _ in range(20))
     near = [b.draw("loc_near") for _ in range(20)]
     assert Counter(r["label"] for r in near) == {"Yes": 10, "No": 10} and {r["task"] for r in near} == {"loc_near"}
+
+
+def test_loc_small_mentions_hair_or_shoes_and_negatives_differ_only_there(synth_root):
+    """Both labels mention the hair or the shoes (no "mentions shoes -> No" shortcut), and a No
+    caption contradicts the image only in the hair or shoe colour."""
+    from data_builders import vl_pretrain
+
+    gt = load_ground_truth(synth_root)
+    seen = []
+    orig = vl_pretrain.mentioned_facts
+
+    def spy(a, groups):
+        facts = orig(a, groups)
+        seen.append(facts)
+        return facts
+
+    vl_pretrain.mentioned_facts = spy
+    try:
+        b = Builder(synth_root, seed=13, max_groups=3, swap_p=0.6)
+        for _ in range(40):
+            seen.clear()
+            row = b.draw("loc_small")
+            caption = _user_text(row).split('"')[1]
+            assert "hair" in caption or "shoes" in caption, caption
+            if row["label"] == "No":
+                a = asdict(gt["ids"][row["image_pid"]])
+                wrong = {k for k, v in seen[-1].items() if a[k] != v}
+                assert wrong and wrong <= {"hair_color", "shoes_color"}, wrong
+    finally:
+        vl_pretrain.mentioned_facts = orig

@@ -34,6 +34,23 @@ def _answer(row) -> str:
     return row["messages"][1]["content"][0]["text"]
 
 
+@pytest.fixture
+def seen_facts(monkeypatch) -> list[dict]:
+    """Every fact set the builder computes for a caption (``mentioned_facts``), in call order."""
+    from data_builders import vl_pretrain
+
+    seen: list[dict] = []
+    orig = vl_pretrain.mentioned_facts
+
+    def spy(a, groups):
+        facts = orig(a, groups)
+        seen.append(facts)
+        return facts
+
+    monkeypatch.setattr(vl_pretrain, "mentioned_facts", spy)
+    return seen
+
+
 def test_rows_use_only_train_identities_and_images(synth_root):
     rows = build_rows(synth_root, 300, "all", seed=0)
     train = _train_pids(synth_root)
@@ -101,33 +118,20 @@ def test_loc_labels_are_true_to_the_ground_truth(synth_root):
         assert changed and set(changed) <= set(keys) | {"lower_length", "sleeve", "bag_color"}
 
 
-def test_hard_negatives_contradict_the_image(synth_root):
+def test_hard_negatives_contradict_the_image(synth_root, seen_facts):
     """Recompute, for hard negatives, that the caption's facts cannot be read off the image."""
-    from data_builders import vl_pretrain
-
     gt = load_ground_truth(synth_root)
-    seen = []
-    orig = vl_pretrain.mentioned_facts
-
-    def spy(a, groups):
-        facts = orig(a, groups)
-        seen.append(facts)
-        return facts
-
-    vl_pretrain.mentioned_facts = spy
-    try:
-        b = Builder(synth_root, seed=4)
-        negatives = 0
-        for _ in range(40):
-            seen.clear()
-            row = b.loc(hard=True)
-            if row["label"] == "No":
-                negatives += 1
-                a = gt["ids"][row["image_pid"]]
-                assert not consistent(a, seen[-1])
-                assert 1 <= sum(asdict(a)[k] != v for k, v in seen[-1].items()) <= 2
-    finally:
-        vl_pretrain.mentioned_facts = orig
+    seen = seen_facts
+    b = Builder(synth_root, seed=4)
+    negatives = 0
+    for _ in range(40):
+        seen.clear()
+        row = b.loc(hard=True)
+        if row["label"] == "No":
+            negatives += 1
+            a = gt["ids"][row["image_pid"]]
+            assert not consistent(a, seen[-1])
+            assert 1 <= sum(asdict(a)[k] != v for k, v in seen[-1].items()) <= 2
     assert negatives == 20
 
 
@@ -227,34 +231,21 @@ def test_color_yesno_asks_only_colours_and_is_true(synth_root):
         assert (asked == a[key]) == (r["label"] == "Yes"), (q, a[key], r["label"])
 
 
-def test_loc_color_negatives_differ_only_in_colours(synth_root):
+def test_loc_color_negatives_differ_only_in_colours(synth_root, seen_facts):
     """A loc_color No caption contradicts the image in one or two colours and nothing else."""
-    from data_builders import vl_pretrain
-
     gt = load_ground_truth(synth_root)
-    seen = []
-    orig = vl_pretrain.mentioned_facts
-
-    def spy(a, groups):
-        facts = orig(a, groups)
-        seen.append(facts)
-        return facts
-
-    vl_pretrain.mentioned_facts = spy
-    try:
-        b = Builder(synth_root, seed=9, max_groups=2)
-        negatives = 0
-        for _ in range(40):
-            seen.clear()
-            row = b.draw("loc_color")
-            assert row["task"] == "loc_color"
-            if row["label"] == "No":
-                negatives += 1
-                a = asdict(gt["ids"][row["image_pid"]])
-                wrong = {k for k, v in seen[-1].items() if a[k] != v}
-                assert wrong and wrong <= {"upper_color", "lower_color", "hair_color", "shoes_color"}, wrong
-    finally:
-        vl_pretrain.mentioned_facts = orig
+    seen = seen_facts
+    b = Builder(synth_root, seed=9, max_groups=2)
+    negatives = 0
+    for _ in range(40):
+        seen.clear()
+        row = b.draw("loc_color")
+        assert row["task"] == "loc_color"
+        if row["label"] == "No":
+            negatives += 1
+            a = asdict(gt["ids"][row["image_pid"]])
+            wrong = {k for k, v in seen[-1].items() if a[k] != v}
+            assert wrong and wrong <= {"upper_color", "lower_color", "hair_color", "shoes_color"}, wrong
     assert negatives == 20
 
 
@@ -307,31 +298,18 @@ def test_slot_swapped_colours_and_near_negatives(synth_root):
     assert Counter(r["label"] for r in near) == {"Yes": 10, "No": 10} and {r["task"] for r in near} == {"loc_near"}
 
 
-def test_loc_small_mentions_hair_or_shoes_and_negatives_differ_only_there(synth_root):
+def test_loc_small_mentions_hair_or_shoes_and_negatives_differ_only_there(synth_root, seen_facts):
     """Both labels mention the hair or the shoes (no "mentions shoes -> No" shortcut), and a No
     caption contradicts the image only in the hair or shoe colour."""
-    from data_builders import vl_pretrain
-
     gt = load_ground_truth(synth_root)
-    seen = []
-    orig = vl_pretrain.mentioned_facts
-
-    def spy(a, groups):
-        facts = orig(a, groups)
-        seen.append(facts)
-        return facts
-
-    vl_pretrain.mentioned_facts = spy
-    try:
-        b = Builder(synth_root, seed=13, max_groups=3, swap_p=0.6)
-        for _ in range(40):
-            seen.clear()
-            row = b.draw("loc_small")
-            caption = _user_text(row).split('"')[1]
-            assert "hair" in caption or "shoes" in caption, caption
-            if row["label"] == "No":
-                a = asdict(gt["ids"][row["image_pid"]])
-                wrong = {k for k, v in seen[-1].items() if a[k] != v}
-                assert wrong and wrong <= {"hair_color", "shoes_color"}, wrong
-    finally:
-        vl_pretrain.mentioned_facts = orig
+    seen = seen_facts
+    b = Builder(synth_root, seed=13, max_groups=3, swap_p=0.6)
+    for _ in range(40):
+        seen.clear()
+        row = b.draw("loc_small")
+        caption = _user_text(row).split('"')[1]
+        assert "hair" in caption or "shoes" in caption, caption
+        if row["label"] == "No":
+            a = asdict(gt["ids"][row["image_pid"]])
+            wrong = {k for k, v in seen[-1].items() if a[k] != v}
+            assert wrong and wrong <= {"hair_color", "shoes_color"}, wrong

@@ -3,9 +3,9 @@
 #
 #   make synthpedes-vl            (or: bash bench/synthpedes_vl_reproduce.sh [OUT])
 #
-# About 100 minutes on one CPU thread (stage times measured on the 2-core dev machine are in the
+# About 135 minutes on one CPU thread (stage times measured on the 2-core dev machine are in the
 # comments). Every stage is full training (no LoRA) with TRL's SFTTrainer: the first eight through
-# bench/synthpedes_vl_train.py (plain TRL, what produced them), the last through the users' own
+# bench/synthpedes_vl_train.py (plain TRL, what produced them), the last two through the users' own
 # `python -m mllm_tune.sft` with a recipe. The rows come from `python -m data_builders.vl_pretrain`
 # (train identities only); docs/synthpedes_vl.md says why each stage exists.
 set -euo pipefail
@@ -43,12 +43,16 @@ build compare --stage compare --num-samples 160000 --seed 32 --batch-size 16
 train --init "$OUT/s6" --data "$D/compareA" --out "$OUT/s7" --lr 3e-4 --batch-size 32 --warmup 0.02
 train --init "$OUT/s7" --data "$D/compare" --out "$OUT/s8" --lr 3e-4 --batch-size 16 --warmup 0.01
 
-# 9. session 2: garment types, lengths, bag, hat, gender (stage "types") through mllm_tune/sft.py (18 min)
-build final --stage types --num-samples 80000 --seed 61 --batch-size 16
+# 9-10. session 2, through mllm_tune/sft.py: slot-swapped colours + near misses (28 min), then
+# hair and shoe colours inside captions (22 min)
+build slots --stage slots --num-samples 100000 --seed 51 --batch-size 16
+build small --stage small --num-samples 80000 --seed 81 --batch-size 16
 $PY -m mllm_tune.sft recipes/synthpedes_vl_compare.yaml --model_name_or_path "$OUT/s8" \
-    --dataset_name "$D/final" --output_dir "$OUT/final"
+    --dataset_name "$D/slots" --output_dir "$OUT/s9"
+$PY -m mllm_tune.sft recipes/synthpedes_vl_compare.yaml --model_name_or_path "$OUT/s9" \
+    --dataset_name "$D/small" --output_dir "$OUT/final"
 
 # held-out evaluation (test identities of the pre-training SynthPEDES)
-$PY -m bench.synthpedes_vl_eval --model "$OUT/final" --root "$OUT/synth_pre" --split test --nfull 20 \
+$PY -m bench.synthpedes_vl_eval --model "$OUT/final" --root "$OUT/synth_pre" --split test --n 300 --nvqa 180 --nfull 20 \
     --out "$OUT/heldout_eval.json"
 echo "SynthPEDES-VL rebuilt in $OUT/final (compare with demo_models/synthpedes-vl/heldout_eval.json)"

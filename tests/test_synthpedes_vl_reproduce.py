@@ -27,5 +27,9 @@ def test_script_parses_and_names_only_things_that_exist():
     outs = re.findall(r'--out "\$OUT/(s\d+)"', text)
     inits = re.findall(r'--init "\$OUT/(s\d+)"', text)
     assert inits == outs[:-1], (inits, outs)
-    assert f'--model_name_or_path "$OUT/{outs[-1]}"' in text
+    # then the sft.py stages, each from the one before
+    sft_from = re.findall(r'--model_name_or_path "\$OUT/(\w+)"', text)
+    sft_to = re.findall(r'--output_dir "\$OUT/(\w+)"', text)
+    assert sft_from == [outs[-1]] + sft_to[:-1] and sft_to[-1] == "final", (sft_from, sft_to)
+    assert '--model "$OUT/final"' in text
     assert "bench/synthpedes_vl_reproduce.sh" in (ROOT / "Makefile").read_text()

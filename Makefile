@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # these pins exist on PyPI and on the CPU dev machines. Override TORCH_PINS for another CUDA build.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv demo test bench synthpedes-vl clean
+.PHONY: venv demo test bench synthpedes-vl clip-synthpedes clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: venv
 
 bench: venv
 	$(BIN)/python -m bench
+
+# rebuild the shipped tiny CLIP retriever from scratch (~25 min on 2 CPU cores; see its model card)
+clip-synthpedes: venv
+	PY=$(BIN)/python bash bench/clip_synthpedes_reproduce.sh $(or $(OUT),/tmp/clip_synthpedes)
 
 # rebuild the shipped SynthPEDES-VL from scratch (~100 min on one CPU thread; see its model card)
 synthpedes-vl: venv

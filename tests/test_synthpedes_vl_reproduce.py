@@ -1,5 +1,5 @@
-"""The one command that rebuilds the shipped SynthPEDES-VL: valid bash, and every stage, task
-mix and recipe it names exists (it takes ~100 min, so CI checks it statically)."""
+"""The one command per shipped demo model that rebuilds it: valid bash, and every stage, task mix
+and recipe it names exists (they take 25-135 min, so CI checks them statically)."""
 
 from __future__ import annotations
 
@@ -33,3 +33,16 @@ def test_script_parses_and_names_only_things_that_exist():
     assert sft_from == [outs[-1]] + sft_to[:-1] and sft_to[-1] == "final", (sft_from, sft_to)
     assert '--model "$OUT/final"' in text
     assert "bench/synthpedes_vl_reproduce.sh" in (ROOT / "Makefile").read_text()
+
+
+def test_clip_script_parses_and_names_existing_recipes():
+    script = ROOT / "bench" / "clip_synthpedes_reproduce.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    recipes = re.findall(r"(recipes/\S+\.yaml)", text)
+    assert recipes and all((ROOT / r).is_file() for r in recipes)
+    # each run continues from the previous one's output
+    outs = re.findall(r'--output-dir "\$OUT/(\w+)"', text)
+    models = re.findall(r'--model "\$OUT/(\w+)"', text)
+    assert models == ["clip_init"] + outs[:-1], (models, outs)
+    assert "bench/clip_synthpedes_reproduce.sh" in (ROOT / "Makefile").read_text()

@@ -481,23 +481,17 @@ class Builder:
             {"role": "user", "content": [c for c in user["content"] if c["type"] == "text"]},
             answer,
         ]
-        row["task"] += "_mt"
         row["length"] += (len(q) + len(ans)) // 4
         return row
 
     def color_yesno_mt(self) -> dict:
-        row = self.attr_yesno(keys=COLOR_KEYS, task="color_yesno_mt")
-        q = row["messages"][0]["content"][-1]["text"]
-        key = next(k for k, t in _YESNO_QUESTIONS if k in COLOR_KEYS and q.startswith(t.split("{v}")[0]))
-        row = self._readout_turn(row, [key])
-        row["task"] = "color_yesno_mt"
-        return row
+        key = self.rng.choice(COLOR_KEYS)
+        row = self.attr_yesno(keys=[key], task="color_yesno_mt")
+        return self._readout_turn(row, [key])
 
     def loc_color_mt(self) -> dict:
         row = self.loc(hard=True, color_only=True, task="loc_color_mt")
-        row = self._readout_turn(row, list(COLOR_KEYS))
-        row["task"] = "loc_color_mt"
-        return row
+        return self._readout_turn(row, list(COLOR_KEYS))
 
     def draw(self, task: str) -> dict:
         if task == "loc_easy":

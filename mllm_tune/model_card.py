@@ -17,6 +17,18 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _bullets(title: str, items: dict) -> list[str]:
+    return [f"## {title}", *[f"- {k}: {_fmt(v)}" for k, v in items.items()]]
+
+
+def _metric_table(rows: list[tuple[str, Any]]) -> list[str]:
+    return ["| metric | value |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in rows]]
+
+
+def _load_snippet(imports: list[str], body: list[str]) -> list[str]:
+    return ["## How to load", "", "```python", *imports, "", *body, "```", ""]
+
+
 def render_card(base_model: str, data: dict, lora: dict | None, training: dict, metrics: dict,
                 adapter_ref: str = "ADAPTER_DIR_OR_REPO") -> str:
     """The card text. Everything it states comes from the arguments (nothing is made up).
@@ -52,8 +64,7 @@ def render_card(base_model: str, data: dict, lora: dict | None, training: dict, 
         "## Base model",
         f"`{base_model}`",
         "",
-        "## Data",
-        *[f"- {k}: {_fmt(v)}" for k, v in data.items()],
+        *_bullets("Data", data),
         "",
         "## LoRA setting",
         f"- r: {lora.get('r')}, alpha: {lora.get('alpha')}, dropout: {lora.get('dropout')}",
@@ -62,28 +73,19 @@ def render_card(base_model: str, data: dict, lora: dict | None, training: dict, 
         f"- target modules: {targets}; vision tower trained fully (saved with the adapter)",
         *([f"- trained fully and saved with the adapter: {lora['modules_to_save']}"] if lora.get("modules_to_save") else []),
         "",
-        "## Training",
-        *[f"- {k}: {_fmt(v)}" for k, v in training.items()],
+        *_bullets("Training", training),
         "",
         "## Evaluation (held-out pairs)",
         "",
         "`eval_yesno_accuracy` is the accuracy of the greedy answer's first token (Yes/No) on the held-out pairs.",
         "",
-        "| metric | value |",
-        "|---|---|",
-        *[f"| {k} | {_fmt(v)} |" for k, v in eval_rows + train_rows],
+        *_metric_table(eval_rows + train_rows),
         "",
-        "## How to load",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForImageTextToText, AutoProcessor",
-        "",
-        f"base = AutoModelForImageTextToText.from_pretrained({base_model!r})",
-        f"model = PeftModel.from_pretrained(base, {adapter_ref!r})",
-        f"processor = AutoProcessor.from_pretrained({adapter_ref!r})",
-        "```",
-        "",
+        *_load_snippet(
+            ["from peft import PeftModel", "from transformers import AutoModelForImageTextToText, AutoProcessor"],
+            [f"base = AutoModelForImageTextToText.from_pretrained({base_model!r})",
+             f"model = PeftModel.from_pretrained(base, {adapter_ref!r})",
+             f"processor = AutoProcessor.from_pretrained({adapter_ref!r})"]),
         "Merged weights: `python -m mllm_tune.merge --adapter ADAPTER_DIR --out MERGED_DIR`.",
         "vLLM: serve the base model with `--enable-lora` and pass this folder as a LoRA module.",
         "",
@@ -109,25 +111,16 @@ def _render_full_card(base_model: str, data: dict, training: dict, metrics: dict
         "Every language-model weight trained with `mllm_tune/sft.py` (`use_peft: false`; TRL SFTTrainer,",
         "loss on the answer tokens only).",
         "",
-        "## Data",
-        *[f"- {k}: {_fmt(v)}" for k, v in data.items()],
+        *_bullets("Data", data),
         "",
-        "## Training",
-        *[f"- {k}: {_fmt(v)}" for k, v in training.items()],
+        *_bullets("Training", training),
         "",
-        "| metric | value |",
-        "|---|---|",
-        *[f"| {k} | {_fmt(v)} |" for k, v in rows],
+        *_metric_table(rows),
         "",
-        "## How to load",
-        "",
-        "```python",
-        "from transformers import AutoModelForImageTextToText, AutoProcessor",
-        "",
-        f"model = AutoModelForImageTextToText.from_pretrained({model_ref!r})",
-        f"processor = AutoProcessor.from_pretrained({model_ref!r})",
-        "```",
-        "",
+        *_load_snippet(
+            ["from transformers import AutoModelForImageTextToText, AutoProcessor"],
+            [f"model = AutoModelForImageTextToText.from_pretrained({model_ref!r})",
+             f"processor = AutoProcessor.from_pretrained({model_ref!r})"]),
     ])
 
 

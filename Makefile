@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/python -m mllm_tune.demo
+	$(BIN)/python -m synthpedes.demo
 
 test: venv
 	$(BIN)/python -m pytest -q tests
@@ -30,11 +30,11 @@ bench: venv
 
 # rebuild the shipped tiny CLIP retriever from scratch (~25 min on 2 CPU cores; see its model card)
 clip-synthpedes: venv
-	PY=$(BIN)/python bash bench/clip_synthpedes_reproduce.sh $(or $(OUT),/tmp/clip_synthpedes)
+	PY=$(BIN)/python bash demo_models/clip-synthpedes/reproduce.sh $(or $(OUT),/tmp/clip_synthpedes)
 
 # rebuild the shipped SynthPEDES-VL from scratch (~100 min on one CPU thread; see its model card)
 synthpedes-vl: venv
-	PY=$(BIN)/python bash bench/synthpedes_vl_reproduce.sh $(or $(OUT),/tmp/synthpedes_vl)
+	PY=$(BIN)/python bash demo_models/synthpedes-vl/reproduce.sh $(or $(OUT),/tmp/synthpedes_vl)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -15,11 +15,11 @@ from bench import md_table
 
 
 def run(smoke: bool = False) -> dict:
-    from data_builders.pedes import load_split
-    from data_builders.synthetic import generate
-    from mllm_tune.backends import MLLMRequest, make_backend
-    from mllm_tune.prompts import DEFAULT_PROMPTS as P
-    from mllm_tune.tiny import build_tiny
+    from mllm_tune.core.pedes import load_split
+    from synthpedes.dataset import generate
+    from mllm_tune.core.backends import MLLMRequest, make_backend
+    from mllm_tune.core.prompts import DEFAULT_PROMPTS as P
+    from synthpedes.tiny import build_tiny
 
     n = 8 if smoke else 128
     sizes = (1, 4) if smoke else (1, 8, 32)

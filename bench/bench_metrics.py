@@ -1,4 +1,4 @@
-"""eval.metrics.rank_metrics vs a straightforward full-argsort implementation.
+"""mllm_tune.core.metrics.rank_metrics vs a straightforward full-argsort implementation.
 
 Sizes of the real test sets (SPEC §2): CUHK-PEDES 6,156 queries x 3,074 images (1,000 ids),
 ICFG-PEDES 19,848 x 19,848 (1,000 ids). Similarities are random with a positive offset for
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from bench import measure, md_table
-from eval.metrics import rank_metrics, rank_metrics_fullsort
+from mllm_tune.core.metrics import rank_metrics, rank_metrics_fullsort
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ def run(smoke: bool = False) -> dict:
         rows,
     )
     md += (
-        "\n\nOurs: `eval.metrics.rank_metrics` (chunked over queries, ranks of positives by counting, "
-        "no sort). Full argsort: `eval.metrics.rank_metrics_fullsort` (unstable sort as in the public "
+        "\n\nOurs: `mllm_tune.core.metrics.rank_metrics` (chunked over queries, ranks of positives by counting, "
+        "no sort). Full argsort: `mllm_tune.core.metrics.rank_metrics_fullsort` (unstable sort as in the public "
         "code, whole Q x G index and match matrices). Peak MB = resident memory added by the call "
         "on top of the similarity matrix."
     )

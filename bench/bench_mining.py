@@ -37,7 +37,7 @@ def make_features(captions: int, images: int, ids: int, dim: int, seed: int = 0)
 
 def make_features_warm(captions: int, images: int, ids: int, dim: int, seed: int = 0):
     """make_features, with the retriever package imported during set-up (not timed)."""
-    import mllm_tune.retrievers.similarity  # noqa: F401 - pulls in transformers
+    import mllm_tune.core.retrievers.similarity  # noqa: F401 - pulls in transformers
 
     return make_features(captions, images, ids, dim, seed)
 
@@ -62,7 +62,7 @@ def _full_matrix(state):
 
 def _topk_chunked(state):
     """The retriever package's stable top-k (sorts blocks of 1,024 x 8,192 scores)."""
-    from mllm_tune.retrievers.similarity import topk_chunked
+    from mllm_tune.core.retrievers.similarity import topk_chunked
 
     txt, img, cp, ip, ci = state
     _, top = topk_chunked(txt, img, 10)

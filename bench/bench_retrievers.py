@@ -1,6 +1,6 @@
 """Retriever encoding throughput on the CPU, and what the feature cache saves.
 
-A tiny random CLIP (``mllm_tune.tiny``, 128x64 person crops, 16-px patches) and a ViT-B/16-
+A tiny random CLIP (``synthpedes.tiny``, 128x64 person crops, 16-px patches) and a ViT-B/16-
 shaped CLIP at 384x128 (the IRRA/RDE input; random weights, same compute as the real model)
 encode SynthPEDES images and captions. The cache rows compare a gallery's first encoding
 (miss: encode + write) with the second (hit: one safetensors read).
@@ -45,10 +45,10 @@ def _rate(fn, n: int) -> tuple[float, float]:
 def run(smoke: bool = False) -> dict:
     import torch
 
-    from data_builders.pedes import load_pedes
-    from data_builders.synthetic import generate
-    from mllm_tune.retrievers import FeatureCache, encode_gallery, load_retriever
-    from mllm_tune.tiny import build_tiny
+    from mllm_tune.core.pedes import load_pedes
+    from synthpedes.dataset import generate
+    from mllm_tune.core.retrievers import FeatureCache, encode_gallery, load_retriever
+    from synthpedes.tiny import build_tiny
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows, figures = [], {}

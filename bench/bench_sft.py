@@ -1,6 +1,6 @@
 """LoRA SFT throughput: `mllm_tune.sft` vs a plain TRL `SFTTrainer` script, and where time goes.
 
-Both train the same tiny Qwen2-VL (from `mllm_tune.tiny`) on the same SynthPEDES anchor pairs with
+Both train the same tiny Qwen2-VL (from `synthpedes.tiny`) on the same SynthPEDES anchor pairs with
 the same LoRA setting (r 8, alpha 16, language model only, lm_head trained as in tiny_lora.yaml), batch, steps, seed, fp32 on the CPU,
 in this process, alternating, medians reported. Reported: samples/s of each (Trainer's
 `train_samples_per_second`) and their ratio; then, on the trainer sft.py builds, the time per
@@ -26,8 +26,8 @@ SMOKE = {"steps": 2, "batch": 1, "pairs": 4, "ids": 6, "timed_batches": 1, "reps
 def _setup(work: Path, o: dict) -> tuple[Path, Path]:
     import sys
 
-    from data_builders.synthetic import generate
-    from mllm_tune.tiny import build_tiny
+    from synthpedes.dataset import generate
+    from synthpedes.tiny import build_tiny
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from sft_fixtures import write_pairs  # the same pair format the tests and the miner use

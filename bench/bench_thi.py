@@ -20,9 +20,9 @@ logger = logging.getLogger(__name__)
 
 
 def _setup(tmp: Path, num_ids: int):
-    from data_builders.pedes import load_split
-    from data_builders.synthetic import generate
-    from eval import synth_bow
+    from mllm_tune.core.pedes import load_split
+    from synthpedes.dataset import generate
+    from synthpedes import bow_retriever as synth_bow
 
     generate(tmp / "syn", num_ids=num_ids, seed=0, progress=False)
     sv = load_split(tmp / "syn", "synthpedes", "test")
@@ -33,10 +33,10 @@ def _setup(tmp: Path, num_ids: int):
 def _compare(name, make_backend_fn, sv, gal, S, xi, cache_root: Path, batch_size: int = 128) -> dict:
     import torch
 
-    from eval import synth_bow
-    from eval.metrics import rank_metrics
+    from synthpedes import bow_retriever as synth_bow
+    from mllm_tune.core.metrics import rank_metrics
     from eval.thi import THIConfig, run_thi
-    from mllm_tune.backends import CachedBackend
+    from mllm_tune.core.backends import CachedBackend
 
     out = {}
     for mode, ex in (("minimal", False), ("exhaustive", True)):
@@ -62,7 +62,7 @@ def _compare(name, make_backend_fn, sv, gal, S, xi, cache_root: Path, batch_size
 
 
 def run(smoke: bool = False) -> dict:
-    from mllm_tune.backends import make_backend
+    from mllm_tune.core.backends import make_backend
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -71,7 +71,7 @@ def run(smoke: bool = False) -> dict:
         for xi in ((0.5,) if smoke else (0.4, 0.5, 0.6)):
             rows.append(_compare("oracle (simulation)", lambda: make_backend("oracle", dataset_root=tmp / "syn"),
                                  sv, gal, S, xi, tmp / "cache"))
-        from mllm_tune.tiny import build_tiny
+        from synthpedes.tiny import build_tiny
 
         qwen = build_tiny("qwen2_vl", tmp / "qwen")
         n = 12 if smoke else 120  # CPU generation: a slice of the queries

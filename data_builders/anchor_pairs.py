@@ -88,7 +88,7 @@ def export_llamafactory(splits: dict[str, list[dict]], out: Path, name: str = "i
 
 
 def _encode(retriever, view, cache_dir: str | None, batch_size: int, progress: bool):
-    from mllm_tune.retrievers import encode_gallery
+    from mllm_tune.core.retrievers import encode_gallery
 
     img = encode_gallery(retriever, view.gallery_paths, cache_dir=cache_dir, batch_size=batch_size, progress=progress)
     txt = retriever.encode_texts(view.query_texts, progress=progress)
@@ -123,9 +123,9 @@ def run(
     """Mine and write everything; returns stats.json's content (plus ``out``)."""
     import datasets
 
-    from data_builders.pedes import load_pedes
-    from mllm_tune.prompts import load_prompts
-    from mllm_tune.retrievers import RetrieverLoadError, load_retriever
+    from mllm_tune.core.pedes import load_pedes
+    from mllm_tune.core.prompts import load_prompts
+    from mllm_tune.core.retrievers import RetrieverLoadError, load_retriever
 
     t0 = time.time()
     prompts = load_prompts(prompts_file)

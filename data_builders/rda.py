@@ -12,7 +12,7 @@ Output ``OUT/rda.jsonl``, one line per caption of the split in annotation order 
 ``mllm_tune/rda_text.py`` reads): ``{"record_index", "caption_index", "caption", "enriched",
 "groups": [[paraphrase, ...], ...]}``, plus ``OUT/rda_stats.json``.
 
-Every MLLM call goes through :class:`~mllm_tune.backends.CachedBackend`, stage by stage in
+Every MLLM call goes through :class:`~mllm_tune.core.backends.CachedBackend`, stage by stage in
 batches; each batch of answers is committed to the on-disk cache before the next is asked, so a
 killed run, rerun with the same settings, asks nothing twice. The output file is written
 atomically at the end.
@@ -91,8 +91,8 @@ def build_groups(
     caption usable: an empty decomposition falls back to the enriched text as one sub-sentence,
     an empty rewrite to the sub-sentence itself; both are counted.
     """
-    from mllm_tune.backends import MLLMRequest
-    from mllm_tune.prompts import DEFAULT_PROMPTS, split_answer_sentences, split_lines
+    from mllm_tune.core.backends import MLLMRequest
+    from mllm_tune.core.prompts import DEFAULT_PROMPTS, split_answer_sentences, split_lines
 
     if m < 1:
         raise ValueError(f"m (paraphrases per sub-sentence) must be >= 1, got {m}")
@@ -179,9 +179,9 @@ def run(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Build ``OUT/rda.jsonl`` for ``split``; ``backend`` is an MLLMBackend (wrapped in the cache here)."""
-    from data_builders.pedes import load_pedes
-    from mllm_tune.backends import CachedBackend
-    from mllm_tune.prompts import load_prompts
+    from mllm_tune.core.pedes import load_pedes
+    from mllm_tune.core.backends import CachedBackend
+    from mllm_tune.core.prompts import load_prompts
 
     t0 = time.time()
     prompts = load_prompts(prompts_file)
@@ -228,7 +228,7 @@ def run(
 
 
 def build_backend(a: argparse.Namespace, prompts) -> Any:
-    from mllm_tune.backends import make_backend
+    from mllm_tune.core.backends import make_backend
 
     if a.mllm == "oracle":
         return make_backend("oracle", dataset_root=a.dataset_root, error_rate=a.oracle_error_rate, prompts=prompts)
@@ -271,7 +271,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None, backend_factory: Callable | None = None) -> dict[str, Any]:
     """CLI entry; ``backend_factory(args, prompts)`` replaces the backend construction (tests)."""
-    from mllm_tune.prompts import load_prompts
+    from mllm_tune.core.prompts import load_prompts
 
     a = parse_args(argv)
     prompts = load_prompts(a.prompts)

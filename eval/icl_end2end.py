@@ -30,12 +30,12 @@ from typing import Any, Sequence
 import torch
 
 from eval.thi import GATES, THIConfig, THIResult, run_thi
-from mllm_tune.backends import BACKEND_KINDS, BackendError, CachedBackend, MLLMBackend, make_backend
-from mllm_tune.prompts import load_prompts
+from mllm_tune.core.backends import BACKEND_KINDS, BackendError, CachedBackend, MLLMBackend, make_backend
+from mllm_tune.core.prompts import load_prompts
 
 logger = logging.getLogger("eval.icl_end2end")
 
-SYNTH_BOW = "synth-bow"  # the SynthPEDES bag-of-attribute-words stand-in retriever (eval/synth_bow.py)
+SYNTH_BOW = "synth-bow"  # the SynthPEDES bag-of-attribute-words stand-in retriever (synthpedes/bow_retriever.py)
 METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
 
 
@@ -46,12 +46,12 @@ def default_args() -> list[str]:
 
     The LoRA-tuned variant is what ``make demo`` trains; the simulated oracle stays available
     with ``--mllm oracle``."""
-    from mllm_tune.demo_assets import DEMO_THI_XI, demo_model
+    from synthpedes.demo_assets import DEMO_THI_XI, demo_model
 
     root = Path("runs/icl_end2end_default")
     data = root / "synthpedes"
     if not (data / "reid_raw.json").is_file():
-        from data_builders.synthetic import generate
+        from synthpedes.dataset import generate
 
         generate(data, num_ids=300, seed=0)
     return [
@@ -120,7 +120,7 @@ class _Retrieval:
         t0 = time.perf_counter()
         self.simulated = spec == SYNTH_BOW
         if self.simulated:
-            from eval import synth_bow
+            from synthpedes import bow_retriever as synth_bow
 
             if not (root / "attributes.json").is_file():
                 raise SystemExit(f"error: --retriever {SYNTH_BOW} works on SynthPEDES only ({root / 'attributes.json'} "
@@ -130,12 +130,12 @@ class _Retrieval:
             self.gallery = synth_bow.encode_images(root, gallery_paths)
             self.encode_text = synth_bow.encode_texts
         else:
-            from mllm_tune.retrievers import load_retriever
+            from mllm_tune.core.retrievers import load_retriever
 
             ret = load_retriever(spec)
             self.identity = str(ret.identity)
             try:
-                from mllm_tune.retrievers.cache import encode_gallery
+                from mllm_tune.core.retrievers.cache import encode_gallery
 
                 self.gallery = encode_gallery(ret, gallery_paths, cache_dir)
             except ImportError:
@@ -188,7 +188,7 @@ def _dist_state():
 
 
 def _metrics(S: torch.Tensor, qp, gp) -> dict[str, float]:
-    from eval.metrics import rank_metrics
+    from mllm_tune.core.metrics import rank_metrics
 
     return {k: round(v, 4) for k, v in rank_metrics(S, qp, gp).items()}
 
@@ -225,7 +225,7 @@ def format_table(res: dict) -> str:
 
 def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
     """Run the harness for parsed ``args``. ``backend`` overrides --mllm (tests)."""
-    from data_builders.pedes import dataset_format, load_pedes
+    from mllm_tune.core.pedes import dataset_format, load_pedes
 
     t_start = time.perf_counter()
     state = _dist_state()

@@ -32,8 +32,8 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from mllm_tune.backends import MLLMBackend, MLLMRequest
-from mllm_tune.prompts import DEFAULT_PROMPTS, PromptSet, is_yes, split_answer_sentences
+from mllm_tune.core.backends import MLLMBackend, MLLMRequest
+from mllm_tune.core.prompts import DEFAULT_PROMPTS, PromptSet, is_yes, split_answer_sentences
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from mllm_tune.modeling import base_model_of_adapter
+from mllm_tune.core.modeling import base_model_of_adapter
 
 logger = logging.getLogger("mllm_tune.merge")
 

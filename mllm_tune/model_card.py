@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mllm_tune.modeling import VISION_MODULE_NAMES
+from mllm_tune.core.modeling import VISION_MODULE_NAMES
 
 CARD_NAME = "README.md"
 

@@ -12,7 +12,7 @@ on the recombined RDA text is added with weight gamma = max(0.1, 1 - 0.03 * epoc
 counted from 1) or a fixed ``--rda-gamma``; captions without an RDA line use their own text
 there. Token noise (``--token-noise``, p = 0.2) is applied to both texts.
 
-Evaluation after every epoch on ``--val-split`` with ``eval.metrics.rank_metrics``; the best
+Evaluation after every epoch on ``--val-split`` with ``mllm_tune.core.metrics.rank_metrics``; the best
 epoch by val R1 is saved with ``save_pretrained`` (a folder ``load_retriever`` reads). With
 ``--test-split`` the untrained and the trained model are both scored on it. Results go to
 ``OUT/train_results.json`` and a table in ``OUT/train_results.md``.
@@ -142,7 +142,7 @@ class CaptionImageDataset(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict:
-        from .retrievers.base import load_resized
+        from .core.retrievers.base import load_resized
 
         ex = self.examples[i]
         img = self.cached[ex.image] if self.cached is not None else load_resized(self.paths[ex.image], self.size)
@@ -193,7 +193,7 @@ class Collator:
 
     def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
         from .rda_text import recombine
-        from .retrievers.base import to_pixel_values
+        from .core.retrievers.base import to_pixel_values
 
         arrays = []
         for b in batch:
@@ -224,7 +224,7 @@ class DualEncoder(nn.Module):
         self.eos_id = eos_id
 
     def forward(self, pixel_values, input_ids, attention_mask, rda_input_ids=None, rda_attention_mask=None):
-        from .retrievers.clip import image_embeds, text_embeds
+        from .core.retrievers.clip import image_embeds, text_embeds
 
         img = image_embeds(self.clip, pixel_values)
         txt = text_embeds(self.clip, input_ids, attention_mask, self.eos_id)
@@ -237,9 +237,9 @@ class DualEncoder(nn.Module):
 @torch.no_grad()
 def evaluate(retriever, view, cfg: TrainConfig, cached: list | None = None) -> dict[str, float]:
     """rank metrics of ``retriever`` on a split (images from the in-memory cache when given)."""
-    from eval.metrics import rank_metrics
+    from mllm_tune.core.metrics import rank_metrics
 
-    from .retrievers.base import to_pixel_values
+    from .core.retrievers.base import to_pixel_values
 
     was_training = retriever.model.training
     retriever.model.eval()
@@ -259,7 +259,7 @@ def evaluate(retriever, view, cfg: TrainConfig, cached: list | None = None) -> d
 def _preload(paths: list[str], size: tuple[int, int], progress: bool, desc: str) -> list[np.ndarray]:
     from tqdm import tqdm
 
-    from .retrievers.base import load_resized
+    from .core.retrievers.base import load_resized
 
     return [load_resized(p, size) for p in tqdm(paths, desc=desc, unit="img", disable=not progress)]
 
@@ -289,11 +289,11 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     from tqdm import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from data_builders.pedes import load_pedes
+    from mllm_tune.core.pedes import load_pedes
 
     from .rda_text import rda_gamma, read_rda_file
-    from .retrievers import CLIPRetriever, load_retriever
-    from .retrievers.clip import add_mask_token
+    from .core.retrievers import CLIPRetriever, load_retriever
+    from .core.retrievers.clip import add_mask_token
 
     _validate(cfg)
     if cfg.threads:

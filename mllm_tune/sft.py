@@ -232,7 +232,7 @@ def make_trainer_class():
 
 def build_trainer(cfg: RunConfig, callbacks: Sequence[Any] | None = None):
     """Processor, model, LoRA config, data and the trainer, ready to train."""
-    from mllm_tune import modeling
+    from mllm_tune.core import modeling
 
     t = cfg.training
     processor = modeling.load_processor(

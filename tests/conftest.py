@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
-    from data_builders.synthetic import generate
+    from synthpedes.dataset import generate
 
     root = tmp_path_factory.mktemp("synthpedes")
     generate(root, num_ids=40, seed=0, progress=False)
@@ -22,7 +22,7 @@ def synth_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """``tiny_models(family) -> Path``: a tiny random model folder, built once per session."""
-    from mllm_tune.tiny import build_tiny
+    from synthpedes.tiny import build_tiny
 
     built: dict[str, Path] = {}
     base = tmp_path_factory.mktemp("tiny_models")

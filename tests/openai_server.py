@@ -16,9 +16,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from mllm_tune.backends import MLLMRequest
-from mllm_tune.backends.oracle import OracleBackend
-from mllm_tune.prompts import DEFAULT_PROMPTS
+from mllm_tune.core.backends import MLLMRequest
+from synthpedes.oracle import OracleBackend
+from mllm_tune.core.prompts import DEFAULT_PROMPTS
 
 
 class OracleServer:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 
 def pair_rows(synth_root: Path, n_train: int = 8, n_eval: int = 4, seed: int = 0) -> dict[str, list[dict]]:
-    from data_builders.pedes import load_split
-    from mllm_tune.prompts import DEFAULT_PROMPTS
+    from mllm_tune.core.pedes import load_split
+    from mllm_tune.core.prompts import DEFAULT_PROMPTS
 
     view = load_split(synth_root, "cuhk-pedes", "train")
     rng = random.Random(seed)

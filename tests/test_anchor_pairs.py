@@ -24,7 +24,7 @@ def mined(synth_root, tiny_clip, tmp_path_factory):
 
 
 def _splits(root):
-    from data_builders.pedes import load_pedes
+    from mllm_tune.core.pedes import load_pedes
 
     ds = load_pedes(root, "cuhk-pedes")
     return {s: ds.split(s) for s in ds.splits}
@@ -43,7 +43,7 @@ def test_rows_follow_the_rules(mined, synth_root, tiny_clip):
     path_pid = {str(Path(p).resolve()): pid for p, pid in zip(train.gallery_paths, train.gallery_pids)}
 
     # the true top-6 of each caption, recomputed with the same retriever
-    from mllm_tune.retrievers import load_retriever
+    from mllm_tune.core.retrievers import load_retriever
 
     r = load_retriever(str(tiny_clip))
     sims = r.encode_texts(train.query_texts, progress=False) @ r.encode_images(train.gallery_paths, progress=False).T
@@ -131,8 +131,8 @@ def test_clean_filter(mined, synth_root, tiny_clip, tmp_path):
 
 
 def test_errors(synth_root, tiny_clip, tmp_path):
-    from data_builders.pedes import PedesFormatError
-    from mllm_tune.retrievers import RetrieverLoadError
+    from mllm_tune.core.pedes import PedesFormatError
+    from mllm_tune.core.retrievers import RetrieverLoadError
 
     base = ["--dataset-root", str(synth_root), "--retriever", str(tiny_clip), "--out", str(tmp_path / "x")]
     with pytest.raises(ValueError, match="unknown dataset 'nope'"):

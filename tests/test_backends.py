@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from data_builders.pedes import load_split
-from data_builders.synthetic import load_ground_truth, vqa_answers
-from mllm_tune.backends import BackendError, CachedBackend, CacheMiss, MLLMBackend, MLLMRequest, make_backend
-from mllm_tune.prompts import DEFAULT_PROMPTS as P
-from mllm_tune.prompts import is_yes, split_answer_sentences
+from mllm_tune.core.pedes import load_split
+from synthpedes.dataset import load_ground_truth, vqa_answers
+from mllm_tune.core.backends import BackendError, CachedBackend, CacheMiss, MLLMBackend, MLLMRequest, make_backend
+from mllm_tune.core.prompts import DEFAULT_PROMPTS as P
+from mllm_tune.core.prompts import is_yes, split_answer_sentences
 
 
 class CountingBackend(MLLMBackend):

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_builders.pedes import load_split
-from mllm_tune.backends import BackendError, MLLMRequest, make_backend
-from mllm_tune.prompts import DEFAULT_PROMPTS as P
-from mllm_tune.prompts import is_yes
+from mllm_tune.core.pedes import load_split
+from mllm_tune.core.backends import BackendError, MLLMRequest, make_backend
+from mllm_tune.core.prompts import DEFAULT_PROMPTS as P
+from mllm_tune.core.prompts import is_yes
 
 
 def train_yes_adapter(model_dir: Path, images: list[str], out: Path, steps: int = 12) -> Path:
@@ -73,7 +73,7 @@ def test_hf_batched_generation_and_adapter_tasks(tiny_qwen2_vl, yes_adapter, spl
 
 
 def test_hf_adapter_mismatch_and_bad_paths(yes_adapter, tmp_path):
-    from mllm_tune.tiny import build_tiny
+    from synthpedes.tiny import build_tiny
 
     other = build_tiny("qwen2_vl", tmp_path / "wider", hidden_size=96, intermediate_size=160)
     with pytest.raises(BackendError, match="does not match the base model"):

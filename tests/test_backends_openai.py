@@ -7,9 +7,9 @@ import socket
 import pytest
 from openai_server import OracleServer
 
-from data_builders.pedes import load_split
-from mllm_tune.backends import BackendError, CachedBackend, MLLMRequest, make_backend
-from mllm_tune.prompts import DEFAULT_PROMPTS as P
+from mllm_tune.core.pedes import load_split
+from mllm_tune.core.backends import BackendError, CachedBackend, MLLMRequest, make_backend
+from mllm_tune.core.prompts import DEFAULT_PROMPTS as P
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from mllm_tune.backends import BackendError, MLLMRequest, make_backend
+from mllm_tune.core.backends import BackendError, MLLMRequest, make_backend
 
 
 def test_missing_vllm_is_a_clear_error(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_with_shipped_models(tmp_path):
-    from mllm_tune.demo import main
+    from synthpedes.demo import main
 
     out = tmp_path / "demo"
     s = main(["--out", str(out), "--num-ids", "24", "--max-pairs", "48", "--sft-steps", "2",
@@ -22,7 +22,7 @@ def test_demo_runs_end_to_end_with_shipped_models(tmp_path):
     assert s["pairs"]["splits_used"] == ["train"]
     assert (out / "lora" / "adapter_config.json").is_file()
     res = json.loads((out / "icl_end2end" / "results.json").read_text())
-    from mllm_tune.demo_assets import DEMO_THI_XI
+    from synthpedes.demo_assets import DEMO_THI_XI
 
     # THI ran at the ξ calibrated for the shipped retriever, and the summary says so
     assert res["config"]["xi"] == s["thi"]["xi"] == DEMO_THI_XI

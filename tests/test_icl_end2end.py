@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from eval.icl_end2end import build_parser, main, run
-from mllm_tune.backends import make_backend
+from mllm_tune.core.backends import make_backend
 
 
 def _argv(root, out, *extra):
@@ -171,7 +171,7 @@ def test_no_argument_default_runs_the_shipped_demo_models(tmp_path, monkeypatch)
     """`python -m eval.icl_end2end` with no arguments: the shipped models through the hf backend
     (not the oracle), at the ξ calibrated for the shipped retriever."""
     from eval.icl_end2end import build_parser, default_args
-    from mllm_tune.demo_assets import DEMO_THI_XI, demo_model
+    from synthpedes.demo_assets import DEMO_THI_XI, demo_model
 
     monkeypatch.chdir(tmp_path)
     args = build_parser().parse_args(default_args())

@@ -45,7 +45,7 @@ def trained(tiny_models, synth_root, tmp_path_factory, hub):
 
 
 def _batch(model_dir: Path, synth_root: Path):
-    from mllm_tune.modeling import load_processor
+    from mllm_tune.core.modeling import load_processor
     from sft_fixtures import pair_rows
     from PIL import Image
 
@@ -93,7 +93,7 @@ def test_merge_matches_adapter_and_refuses_quantised_base(trained, tiny_models, 
     from transformers import AutoModelForImageTextToText
 
     from mllm_tune import merge
-    from mllm_tune.modeling import load_model
+    from mllm_tune.core.modeling import load_model
 
     out, _ = trained
     base_dir = tiny_models("qwen2_vl")

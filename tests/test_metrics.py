@@ -1,4 +1,4 @@
-"""eval.metrics: IRRA/RDE definitions, chunking, the tie rule, bad inputs."""
+"""mllm_tune.core.metrics: IRRA/RDE definitions, chunking, the tie rule, bad inputs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.metrics import positive_ranks, rank_metrics, rank_metrics_fullsort
+from mllm_tune.core.metrics import positive_ranks, rank_metrics, rank_metrics_fullsort
 
 
 def plain_reference(sim, qpids, gpids, ks=(1, 5, 10)) -> dict[str, float]:

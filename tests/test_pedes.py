@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_builders.pedes import PedesFormatError, load_pedes, load_split
+from mllm_tune.core.pedes import PedesFormatError, load_pedes, load_split
 
 
 def _img(path: Path) -> None:

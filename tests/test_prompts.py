@@ -1,4 +1,4 @@
-"""mllm_tune.prompts: answer parsers (numbered VQA answers, Yes/No), rendering, prompt files."""
+"""mllm_tune.core.prompts: answer parsers (numbered VQA answers, Yes/No), rendering, prompt files."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mllm_tune.prompts import DEFAULT_PROMPTS, VQA_ASPECTS, is_yes, load_prompts, split_answer_sentences, split_lines
+from mllm_tune.core.prompts import DEFAULT_PROMPTS, VQA_ASPECTS, is_yes, load_prompts, split_answer_sentences, split_lines
 
 
 @pytest.mark.parametrize(

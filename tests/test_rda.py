@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from data_builders import rda
-from mllm_tune.backends import MLLMBackend, make_backend
+from mllm_tune.core.backends import MLLMBackend, make_backend
 
 
 class Counting(MLLMBackend):

@@ -21,7 +21,7 @@ FAST = [str(RECIPE), "--epochs", "15", "--progress", "false"]
 def synth100(tmp_path_factory) -> Path:
     """100 identities (70 train / 10 val / 20 test): the 40-id session set has too few training
     identities for a random model to learn attributes rather than memorise people."""
-    from data_builders.synthetic import generate
+    from synthpedes.dataset import generate
 
     root = tmp_path_factory.mktemp("synth100")
     generate(root, num_ids=100, seed=0, progress=False)
@@ -60,7 +60,7 @@ def test_cli_config_file_and_errors(tmp_path):
 def write_rda(root, path) -> int:
     """An RDA file for every training caption, built from SynthPEDES ground truth the way the MLLM
     would enrich it: one group per attribute sentence, two paraphrases each."""
-    from data_builders.synthetic import load_ground_truth, vqa_answers
+    from synthpedes.dataset import load_ground_truth, vqa_answers
 
     records = json.loads((root / "reid_raw.json").read_text(encoding="utf-8"))
     truth = load_ground_truth(root)["ids"]
@@ -81,7 +81,7 @@ def write_rda(root, path) -> int:
 
 @pytest.mark.slow
 def test_finetune_beats_untrained(synth100, tiny_clip, tmp_path):
-    from mllm_tune.retrievers import load_retriever
+    from mllm_tune.core.retrievers import load_retriever
 
     out = tmp_path / "clip_ft"
     res = main(["--model", str(tiny_clip), "--dataset-root", str(synth100), "--output-dir", str(out),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from mllm_tune.retrievers import (
+from mllm_tune.core.retrievers import (
     FeatureCache,
     RetrieverLoadError,
     encode_gallery,
@@ -24,7 +24,7 @@ from mllm_tune.retrievers import (
     similarity,
     topk_chunked,
 )
-from mllm_tune.retrievers.base import load_resized, to_pixel_values
+from mllm_tune.core.retrievers.base import load_resized, to_pixel_values
 
 TEXTS = [
     "A man wears a red shirt and blue jeans.",
@@ -35,7 +35,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def images(synth_root) -> list[str]:
-    from data_builders.pedes import load_split
+    from mllm_tune.core.pedes import load_split
 
     return load_split(synth_root, "cuhk-pedes", "test").gallery_paths[:6]
 

@@ -74,7 +74,7 @@ def test_unknown_keys_fail_naming_the_key(tmp_path):
 def test_lora_targets_language_model_only(tiny_models, family):
     from peft import get_peft_model
 
-    from mllm_tune.modeling import (ModelSetupError, build_lora_config, is_vision_module, language_linear_names,
+    from mllm_tune.core.modeling import (ModelSetupError, build_lora_config, is_vision_module, language_linear_names,
                                     load_model, lora_module_names)
 
     path = tiny_models(family)
@@ -123,7 +123,7 @@ class _Probe:
 
             def on_train_end(self, args, state, control, model=None, eval_dataloader=None,
                              processing_class=None, **kw):
-                from mllm_tune.modeling import lora_module_names
+                from mllm_tune.core.modeling import lora_module_names
                 from mllm_tune.yesno_eval import answer_token_ids
 
                 Probe.lora_names = lora_module_names(model)
@@ -154,7 +154,7 @@ def test_train_labels_loss_reload(tiny_models, pairs_dir, tmp_path, family):
     from peft import PeftModel
 
     from mllm_tune import sft
-    from mllm_tune.modeling import is_vision_module, load_model, load_processor
+    from mllm_tune.core.modeling import is_vision_module, load_model, load_processor
 
     model_dir = tiny_models(family)
     out = tmp_path / "run"
@@ -263,7 +263,7 @@ def test_yesno_stats_unit():
 def test_unfrozen_vision_tower_trains_fully(tiny_models):
     from peft import get_peft_model
 
-    from mllm_tune.modeling import build_lora_config, is_vision_module, load_model
+    from mllm_tune.core.modeling import build_lora_config, is_vision_module, load_model
 
     model = load_model(str(tiny_models("qwen2_5_vl")))
     peft_model = get_peft_model(model, build_lora_config(model, freeze_vision_tower=False))
@@ -309,7 +309,7 @@ def test_full_training_without_peft(tiny_models, pairs_dir, tmp_path):
     from safetensors.torch import load_file
 
     from mllm_tune import sft
-    from mllm_tune.modeling import is_vision_module, load_model
+    from mllm_tune.core.modeling import is_vision_module, load_model
 
     model_dir = tiny_models("qwen2_vl")
     out = tmp_path / "full"

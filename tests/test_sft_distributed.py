@@ -84,7 +84,7 @@ def test_deepspeed_zero2_two_processes(setup, ddp):
 def test_deepspeed_zero3_two_processes_adapter_reloads(setup, ddp):
     from peft import PeftModel
 
-    from mllm_tune.modeling import is_vision_module, load_model, lora_module_names
+    from mllm_tune.core.modeling import is_vision_module, load_model, lora_module_names
 
     model, data, base = setup
     out = base / "z3"

@@ -6,8 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from data_builders.pedes import load_pedes
-from data_builders.synthetic import (
+from mllm_tune.core.pedes import load_pedes
+from synthpedes.dataset import (
     caption_ambiguity,
     consistent,
     generate,

@@ -7,10 +7,10 @@ import re
 import pytest
 import torch
 
-from eval import synth_bow
+from synthpedes import bow_retriever as synth_bow
 from eval.thi import THIConfig, accepts, loc_matters, run_thi
-from mllm_tune.backends import CachedBackend, MLLMBackend, make_backend
-from mllm_tune.prompts import DEFAULT_PROMPTS
+from mllm_tune.core.backends import CachedBackend, MLLMBackend, make_backend
+from mllm_tune.core.prompts import DEFAULT_PROMPTS
 
 XI = 0.5
 
@@ -138,7 +138,7 @@ def test_bad_config():
 
 @pytest.fixture(scope="module")
 def synth_setup(synth_root):
-    from data_builders.pedes import load_split
+    from mllm_tune.core.pedes import load_split
 
     sv = load_split(synth_root, "cuhk-pedes", "test")
     gal = synth_bow.encode_images(synth_root, sv.gallery_paths)
@@ -148,7 +148,7 @@ def synth_setup(synth_root):
 
 @pytest.mark.parametrize("rule", ["identity", "consistent"])
 def test_perfect_oracle_improves_r1_and_minimal_equals_exhaustive(synth_root, synth_setup, rule, tmp_path):
-    from eval.metrics import rank_metrics
+    from mllm_tune.core.metrics import rank_metrics
 
     sv, gal, S = synth_setup
     orc = make_backend("oracle", dataset_root=synth_root, loc_rule=rule)

@@ -62,19 +62,19 @@ def test_clip_loads_and_scores_person_crops(tiny_clip, synth_root):
 
 
 def test_unknown_family_is_refused(tmp_path):
-    from mllm_tune.tiny import build_tiny
+    from synthpedes.tiny import build_tiny
 
     with pytest.raises(ValueError, match="unknown tiny model family"):
         build_tiny("llava", tmp_path)
 
 
 def test_preset_builds_the_shipped_synthpedes_vl_architecture(tmp_path):
-    """`python -m mllm_tune.tiny --preset synthpedes-vl` is the first step of the demo model's
+    """`python -m synthpedes.tiny --preset synthpedes-vl` is the first step of the demo model's
     reproduction: it must give exactly the shipped model's shapes."""
     import json
 
-    from mllm_tune.demo_assets import demo_model
-    from mllm_tune.tiny import main
+    from synthpedes.demo_assets import demo_model
+    from synthpedes.tiny import main
 
     out = main(["--family", "qwen2_vl", "--preset", "synthpedes-vl", "--out", str(tmp_path / "m")])
     built = json.loads((out / "config.json").read_text())

@@ -8,8 +8,8 @@ from dataclasses import asdict
 
 import pytest
 
-from data_builders.synthetic import consistent, load_ground_truth, mentioned_facts
-from data_builders.vl_pretrain import (
+from synthpedes.dataset import consistent, load_ground_truth, mentioned_facts
+from synthpedes.vl_pretrain import (
     STAGES,
     TASKS,
     Builder,
@@ -18,7 +18,7 @@ from data_builders.vl_pretrain import (
     counterfactual,
     main,
 )
-from mllm_tune.prompts import DEFAULT_PROMPTS, is_yes
+from mllm_tune.core.prompts import DEFAULT_PROMPTS, is_yes
 
 
 def _train_pids(root) -> set[int]:
@@ -37,7 +37,7 @@ def _answer(row) -> str:
 @pytest.fixture
 def seen_facts(monkeypatch) -> list[dict]:
     """Every fact set the builder computes for a caption (``mentioned_facts``), in call order."""
-    from data_builders import vl_pretrain
+    from synthpedes import vl_pretrain
 
     seen: list[dict] = []
     orig = vl_pretrain.mentioned_facts
@@ -97,7 +97,7 @@ def test_loc_labels_are_true_to_the_ground_truth(synth_root):
     """A Yes caption fits the image's identity; a hard No contradicts it in one or two facts."""
     gt = load_ground_truth(synth_root)
     b = Builder(synth_root, seed=3)
-    from data_builders.synthetic import make_caption
+    from synthpedes.dataset import make_caption
     import random
 
     for _ in range(60):
@@ -201,7 +201,7 @@ def test_one_word_answers_are_the_ground_truth(synth_root):
 
 
 def test_batches_for_a_sequential_sampler_mix_short_tasks(synth_root):
-    from data_builders.vl_pretrain import LONG_TASKS
+    from synthpedes.vl_pretrain import LONG_TASKS
 
     mix = {"attr_word": 0.5, "loc_hard": 0.25, "vqa_full": 0.25}  # 240 short rows, 80 long: whole batches
     rows = build_rows(synth_root, 320, "all", seed=10, mix=mix, batch_size=16)
@@ -274,7 +274,7 @@ def test_two_turn_bridges_read_out_the_truth_then_ask(synth_root):
 def test_slot_swapped_colours_and_near_negatives(synth_root):
     """swap_p=1: every wrong colour asked about is worn elsewhere by the same person (when it can
     be); loc_near negatives describe another identity and contradict the image."""
-    from data_builders.vl_pretrain import COLOR_KEYS, other_value
+    from synthpedes.vl_pretrain import COLOR_KEYS, other_value
 
     gt = load_ground_truth(synth_root)
     b = Builder(synth_root, seed=12, swap_p=1.0, max_groups=3)

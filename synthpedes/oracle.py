@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from data_builders.synthetic import (
+from synthpedes.dataset import (
     PersonAttributes,
     consistent,
     load_ground_truth,
@@ -37,9 +37,9 @@ from data_builders.synthetic import (
     sample_attributes,
     vqa_answers,
 )
-from mllm_tune.prompts import DEFAULT_PROMPTS, PromptSet, split_answer_sentences
+from mllm_tune.core.prompts import DEFAULT_PROMPTS, PromptSet, split_answer_sentences
 
-from .base import BackendError, MLLMBackend, MLLMRequest
+from mllm_tune.core.backends.base import BackendError, MLLMBackend, MLLMRequest
 
 SIMULATION_LABEL = "SIMULATION: oracle backend answering from SynthPEDES ground truth (no MLLM)"
 LOC_RULES = ("consistent", "identity")
@@ -81,7 +81,7 @@ class OracleBackend(MLLMBackend):
         if not ann.is_file():
             raise BackendError(
                 f"the oracle backend works on SynthPEDES only: {ann} not found. Generate a dataset with "
-                "`python -m data_builders.synthetic --out DIR` and pass --dataset-root DIR"
+                "`python -m synthpedes.dataset --out DIR` and pass --dataset-root DIR"
             )
         truth = load_ground_truth(self.root)
         self.attrs: dict[int, PersonAttributes] = truth["ids"]

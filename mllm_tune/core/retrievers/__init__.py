@@ -1,6 +1,6 @@
 """Offline retrieval models (f_cross) behind one interface.
 
-    from mllm_tune.retrievers import load_retriever, encode_gallery, topk_chunked
+    from mllm_tune.core.retrievers import load_retriever, encode_gallery, topk_chunked
     r = load_retriever("path/to/clip-folder")            # Hugging Face CLIP (or a saved retriever)
     r = load_retriever("irra:logs/best.pth?tokenizer=path/to/openai-clip-tokenizer")
     r = load_retriever("rde:logs/best.pth?tokenizer=...&image_size=384x128")

@@ -1,6 +1,6 @@
 """SynthPEDES: a procedural pedestrian dataset in the CUHK-PEDES layout.
 
-    python -m data_builders.synthetic --out DIR --num-ids 300 --seed 0
+    python -m synthpedes.dataset --out DIR --num-ids 300 --seed 0
 
 writes ``DIR/reid_raw.json`` (CUHK-PEDES records: split, id (1-based), file_path under
 ``imgs/``, captions), ``DIR/imgs/*.png`` and ``DIR/attributes.json`` (the ground truth: every
@@ -356,7 +356,7 @@ def generate(
             cap_meta.append({"file_path": rel, "mentions": [g for _, g in caps]})
     (out / "reid_raw.json").write_text(json.dumps(records, indent=0), encoding="utf-8")
     truth = {
-        "generator": "data_builders.synthetic",
+        "generator": "synthpedes.dataset",
         "seed": seed,
         "num_ids": num_ids,
         "ids": {str(pid + 1): asdict(a) for pid, a in enumerate(people)},
@@ -374,7 +374,7 @@ def load_ground_truth(root: str | Path) -> dict:
     path = Path(root) / "attributes.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the oracle and the VL builders need a SynthPEDES folder "
-                                "written by `python -m data_builders.synthetic`")
+                                "written by `python -m synthpedes.dataset`")
     raw = json.loads(path.read_text(encoding="utf-8"))
     return {
         "ids": {int(k): PersonAttributes(**v) for k, v in raw["ids"].items()},

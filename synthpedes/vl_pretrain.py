@@ -1,9 +1,9 @@
 """SynthPEDES-VL pre-training data: VQA, aggregation, attribute yes/no and matching rows.
 
-    python -m data_builders.vl_pretrain --dataset-root SYNTH --out DATA --stage matching --num-samples 60000
+    python -m synthpedes.vl_pretrain --dataset-root SYNTH --out DATA --stage matching --num-samples 60000
 
 reads a SynthPEDES folder (``reid_raw.json`` + ``attributes.json``, written by
-``python -m data_builders.synthetic``) and writes a ``datasets`` DatasetDict (``save_to_disk``,
+``python -m synthpedes.dataset``) and writes a ``datasets`` DatasetDict (``save_to_disk``,
 split ``train``) in TRL's vision conversational format: ``messages`` (user: [image, text] or
 [text]; assistant: [text]) and ``images`` (a list of absolute image path strings, empty for
 text-only rows), plus the metadata columns ``length`` (a rough token count for
@@ -41,7 +41,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
-from data_builders.synthetic import (
+from synthpedes.dataset import (
     BAG_COLORS,
     BAG_TYPES,
     GROUP_KEYS,
@@ -59,7 +59,7 @@ from data_builders.synthetic import (
     mentioned_facts,
     vqa_answers,
 )
-from mllm_tune.prompts import DEFAULT_PROMPTS, PromptSet
+from mllm_tune.core.prompts import DEFAULT_PROMPTS, PromptSet
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ class Builder:
         ann = root / "reid_raw.json"
         if not ann.is_file():
             raise FileNotFoundError(f"{ann} not found: --dataset-root must be a folder written by "
-                                    "`python -m data_builders.synthetic`")
+                                    "`python -m synthpedes.dataset`")
         records = json.loads(ann.read_text(encoding="utf-8"))
         self.gt = load_ground_truth(root)
         self.images: list[tuple[str, int, list[str], list[list[str]]]] = []

@@ -3,7 +3,7 @@
 A backend answers a batch of :class:`MLLMRequest` (task, prompt, optional image path) with
 greedy decoding and returns one string per request, in order. Backends are interchangeable:
 ``make_backend(kind, **kw)`` builds ``hf``, ``vllm``, ``openai`` or ``oracle``; wrapping one in
-:class:`~mllm_tune.backends.cache.CachedBackend` adds the on-disk answer cache.
+:class:`~mllm_tune.core.backends.cache.CachedBackend` adds the on-disk answer cache.
 
 ``identity()`` returns everything that can change an answer (model, adapter content hash,
 decoding settings); the cache key is built from it, so changing any of them never reuses a
@@ -132,7 +132,7 @@ def make_backend(kind: str, **kw: Any) -> MLLMBackend:
 
         return OpenAIBackend(**kw)
     if kind == "oracle":
-        from .oracle import OracleBackend
+        from synthpedes.oracle import OracleBackend
 
         return OracleBackend(**kw)
     raise ValueError(f"unknown MLLM backend '{kind}': choose one of {', '.join(BACKEND_KINDS)}")

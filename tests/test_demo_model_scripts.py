@@ -9,11 +9,11 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "bench" / "synthpedes_vl_reproduce.sh"
+SCRIPT = ROOT / "demo_models" / "synthpedes-vl" / "reproduce.sh"
 
 
 def test_script_parses_and_names_only_things_that_exist():
-    from data_builders.vl_pretrain import STAGES, TASKS
+    from synthpedes.vl_pretrain import STAGES, TASKS
 
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
     text = SCRIPT.read_text()
@@ -32,11 +32,11 @@ def test_script_parses_and_names_only_things_that_exist():
     sft_to = re.findall(r'--output_dir "\$OUT/(\w+)"', text)
     assert sft_from == [outs[-1]] + sft_to[:-1] and sft_to[-1] == "final", (sft_from, sft_to)
     assert '--model "$OUT/final"' in text
-    assert "bench/synthpedes_vl_reproduce.sh" in (ROOT / "Makefile").read_text()
+    assert "demo_models/synthpedes-vl/reproduce.sh" in (ROOT / "Makefile").read_text()
 
 
 def test_clip_script_parses_and_names_existing_recipes():
-    script = ROOT / "bench" / "clip_synthpedes_reproduce.sh"
+    script = ROOT / "demo_models" / "clip-synthpedes" / "reproduce.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     recipes = re.findall(r"(recipes/\S+\.yaml)", text)
@@ -45,4 +45,4 @@ def test_clip_script_parses_and_names_existing_recipes():
     outs = re.findall(r'--output-dir "\$OUT/(\w+)"', text)
     models = re.findall(r'--model "\$OUT/(\w+)"', text)
     assert models == ["clip_init"] + outs[:-1], (models, outs)
-    assert "bench/clip_synthpedes_reproduce.sh" in (ROOT / "Makefile").read_text()
+    assert "demo_models/clip-synthpedes/reproduce.sh" in (ROOT / "Makefile").read_text()

@@ -1,6 +1,6 @@
 """Tiny, randomly initialised models saved exactly like real checkpoints.
 
-    python -m mllm_tune.tiny --family {qwen2_vl,qwen2_5_vl,qwen3_vl,clip} --out DIR
+    python -m synthpedes.tiny --family {qwen2_vl,qwen2_5_vl,qwen3_vl,clip} --out DIR
 
 Tests and the demo load these folders with the same calls users make on real checkpoints
 (``AutoModelForImageTextToText`` / ``AutoProcessor`` / ``CLIPModel`` / ``CLIPProcessor``), so
@@ -57,8 +57,8 @@ CLIP_DEFAULTS: dict[str, Any] = {
 def tokenizer_corpus(n_captions: int = 3000, seed: int = 0) -> list[str]:
     """Texts the tiny tokenizers are trained on: SynthPEDES captions and VQA answers, the
     project's prompts, and the generic words of chat and answers."""
-    from data_builders.synthetic import make_caption, sample_attributes, vqa_answers
-    from mllm_tune.prompts import DEFAULT_PROMPTS
+    from synthpedes.dataset import make_caption, sample_attributes, vqa_answers
+    from mllm_tune.core.prompts import DEFAULT_PROMPTS
 
     rng = random.Random(seed)
     texts: list[str] = []

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Rebuild demo_models/synthpedes-vl from scratch: data, every training stage, held-out evaluation.
 #
-#   make synthpedes-vl            (or: bash bench/synthpedes_vl_reproduce.sh [OUT])
+#   make synthpedes-vl            (or: bash demo_models/synthpedes-vl/reproduce.sh [OUT])
 #
 # About 135 minutes on one CPU thread (stage times measured on the 2-core dev machine are in the
 # comments). Every stage is full training (no LoRA) with TRL's SFTTrainer: the first eight through
-# bench/synthpedes_vl_train.py (plain TRL, what produced them), the last two through the users' own
-# `python -m mllm_tune.sft` with a recipe. The rows come from `python -m data_builders.vl_pretrain`
+# synthpedes/vl_train.py (plain TRL, what produced them), the last two through the users' own
+# `python -m mllm_tune.sft` with a recipe. The rows come from `python -m synthpedes.vl_pretrain`
 # (train identities only); docs/synthpedes_vl.md says why each stage exists.
 set -euo pipefail
 OUT=${1:-/tmp/synthpedes_vl}
@@ -14,11 +14,11 @@ PY=${PY:-python}
 export OMP_NUM_THREADS=1   # one thread: ~9x faster than two on a loaded 2-core machine
 mkdir -p "$OUT"
 D=$OUT/data
-build() { $PY -m data_builders.vl_pretrain --dataset-root "$OUT/synth_pre" --out "$D/$1" "${@:2}"; }
-train() { $PY -m bench.synthpedes_vl_train "$@"; }
+build() { $PY -m synthpedes.vl_pretrain --dataset-root "$OUT/synth_pre" --out "$D/$1" "${@:2}"; }
+train() { $PY -m synthpedes.vl_train "$@"; }
 
 # 0. pre-training images: a 2000-identity SynthPEDES (only its train split is used)
-[ -f "$OUT/synth_pre/stats.json" ] || $PY -m data_builders.synthetic --out "$OUT/synth_pre" --num-ids 2000 --seed 11
+[ -f "$OUT/synth_pre/stats.json" ] || $PY -m synthpedes.dataset --out "$OUT/synth_pre" --num-ids 2000 --seed 11
 
 # 1-3. session 1: grounding, colours first, matching formats (9.7 + 4.5 + 3.8 min)
 build grounding --stage grounding --num-samples 40000 --seed 8 --batch-size 32
@@ -53,6 +53,6 @@ $PY -m mllm_tune.sft recipes/synthpedes_vl_compare.yaml --model_name_or_path "$O
     --dataset_name "$D/small" --output_dir "$OUT/final"
 
 # held-out evaluation (test identities of the pre-training SynthPEDES)
-$PY -m bench.synthpedes_vl_eval --model "$OUT/final" --root "$OUT/synth_pre" --split test --n 300 --nvqa 180 --nfull 20 \
+$PY -m synthpedes.vl_eval --model "$OUT/final" --root "$OUT/synth_pre" --split test --n 300 --nvqa 180 --nfull 20 \
     --out "$OUT/heldout_eval.json"
 echo "SynthPEDES-VL rebuilt in $OUT/final (compare with demo_models/synthpedes-vl/heldout_eval.json)"

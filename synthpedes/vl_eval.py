@@ -1,6 +1,6 @@
 """Held-out evaluation of a SynthPEDES-VL model on a SynthPEDES split (default: test identities).
 
-    python -m bench.synthpedes_vl_eval --model demo_models/synthpedes-vl --root SYNTH [--split test]
+    python -m synthpedes.vl_eval --model demo_models/synthpedes-vl --root SYNTH [--split test]
 
 Measures, on identities the model never saw:
 - T_loc Yes/No accuracy on balanced pairs: ``loc_easy`` (negative = a caption of another
@@ -32,9 +32,9 @@ def evaluate(model_dir: str, root: str, split: str = "test", n: int = 400, nvqa:
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from data_builders.synthetic import vqa_answers
-    from data_builders.vl_pretrain import INFORMATIVE_ASPECTS, Builder
-    from mllm_tune.prompts import DEFAULT_PROMPTS
+    from synthpedes.dataset import vqa_answers
+    from synthpedes.vl_pretrain import INFORMATIVE_ASPECTS, Builder
+    from mllm_tune.core.prompts import DEFAULT_PROMPTS
 
     torch.set_num_threads(threads)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from data_builders import synthetic as syn
+from synthpedes import dataset as syn
 
 _WORDS = sorted(
     {w for group in (syn.COLORS, syn.HAIR_COLORS, syn.UPPER_TYPES, syn.LOWER_TYPES, syn.BAG_TYPES,

@@ -1,11 +1,11 @@
 """Full (no LoRA) pre-training of SynthPEDES-VL with TRL's SFTTrainer on the CPU.
 
-    python -m bench.synthpedes_vl_train --init 'new:{"hidden_size": 96, ...}' --data DATA --out DIR
+    python -m synthpedes.vl_train --init 'new:{"hidden_size": 96, ...}' --data DATA --out DIR
 
 ``--init`` is a model folder (a previous curriculum stage) or ``new:`` followed by the JSON
-overrides of ``mllm_tune.tiny.build_tiny("qwen2_vl", ...)`` (a fresh random model with the
+overrides of ``synthpedes.tiny.build_tiny("qwen2_vl", ...)`` (a fresh random model with the
 project's tokenizer and TRL's chat template). ``--data`` is a folder written by
-``python -m data_builders.vl_pretrain --batch-size 32``: its rows come in mixed batches and are
+``python -m synthpedes.vl_pretrain --batch-size 32``: its rows come in mixed batches and are
 read in order (``--sampler sequential``, the default). Every parameter trains (vision tower
 included), loss on the assistant tokens only.
 
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from mllm_tune.tiny import PRESETS
+from synthpedes.tiny import PRESETS
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def train(init: str, data: str, out: str, lr: float = 8e-4, batch_size: int = 16
 
     torch.set_num_threads(threads)
     if init.startswith("new:"):
-        from mllm_tune.tiny import build_tiny
+        from synthpedes.tiny import build_tiny
 
         overrides = {**ARCH_SYNTHPEDES_VL, **json.loads(init[4:] or "{}")}
         init = str(build_tiny("qwen2_vl", Path(out) / "init", seed=seed, **overrides))
@@ -72,7 +72,7 @@ def train(init: str, data: str, out: str, lr: float = 8e-4, batch_size: int = 16
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--init", required=True, help="model folder, or new:JSON build_tiny overrides")
-    ap.add_argument("--data", required=True, help="folder from python -m data_builders.vl_pretrain")
+    ap.add_argument("--data", required=True, help="folder from python -m synthpedes.vl_pretrain")
     ap.add_argument("--out", required=True)
     ap.add_argument("--lr", type=float, default=8e-4)
     ap.add_argument("--batch-size", type=int, default=32, help="must equal the builder's --batch-size")

@@ -1,6 +1,6 @@
 """The README's main command (`make demo`): the users' real flow, on SynthPEDES, on a CPU.
 
-1. generate SynthPEDES (`python -m data_builders.synthetic`);
+1. generate SynthPEDES (`python -m synthpedes.dataset`);
 2. mine Z+/Z- anchor-localization pairs from its training split with the shipped CLIP
    retriever (`python -m data_builders.anchor_pairs`);
 3. LoRA-tune the shipped SynthPEDES-VL on those pairs (`mllm_tune/sft.py`, recipe
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-logger = logging.getLogger("mllm_tune.demo")
+logger = logging.getLogger("synthpedes.demo")
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_lora.yaml"
 
@@ -40,7 +40,7 @@ def _yesno_history(sft_out: Path) -> tuple[float | None, float | None]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from mllm_tune.demo_assets import demo_model
+    from synthpedes.demo_assets import demo_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     total = 4
 
     t = _stage(1, total, "SynthPEDES: generate the dataset")
-    from data_builders.synthetic import format_stats, generate, statistics
+    from synthpedes.dataset import format_stats, generate, statistics
 
     if not (data / "stats.json").is_file():
         generate(data, num_ids=args.num_ids, seed=args.seed)
@@ -120,7 +120,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from mllm_tune.demo_assets import DEMO_THI_XI
+    from synthpedes.demo_assets import DEMO_THI_XI
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo", help="working folder for the demo's data, adapter and results")

@@ -1,6 +1,6 @@
 """Scores between query and gallery features, and a top-k that never holds the full matrix.
 
-Tie rule (shared with ``eval.metrics``): equal scores are ordered by ascending gallery index.
+Tie rule (shared with ``mllm_tune.core.metrics``): equal scores are ordered by ascending gallery index.
 """
 
 from __future__ import annotations

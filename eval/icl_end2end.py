@@ -13,7 +13,7 @@ same command after a kill resumes without repeating a call. ``accelerate launch 
 eval.icl_end2end ...`` (or torchrun) shards the queries: every process answers its share into the
 shared cache, then the main process replays Algorithm 1 over all queries from the cache, so the
 numbers are those of a single-process run. With no arguments it runs the embedded default
-(``default_args()``): a generated SynthPEDES test split with the simulated oracle MLLM.
+(``default_args()``): the shipped SynthPEDES demo models on a generated SynthPEDES test split.
 """
 
 from __future__ import annotations
@@ -35,30 +35,26 @@ from mllm_tune.core.prompts import load_prompts
 
 logger = logging.getLogger("eval.icl_end2end")
 
-SYNTH_BOW = "synth-bow"  # the SynthPEDES bag-of-attribute-words stand-in retriever (synthpedes/bow_retriever.py)
+SYNTH_BOW = "synth-bow"  # retriever alias of the SynthPEDES bag-of-words stand-in (a simulation)
 METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
 
 
+# The embedded default run lives with the SynthPEDES simulation; it is reached by name so that
+# this harness never imports the simulation (and still works with synthpedes/ deleted).
+DEFAULT_RUN = "synthpedes.demo_assets:icl_end2end_default_args"
+
+
 def default_args() -> list[str]:
-    """The embedded default: the demo's SynthPEDES test split (300 identities, seed 0) ranked by
-    the shipped clip-synthpedes retriever, THI with the shipped SynthPEDES-VL through the hf
-    backend, at the ξ calibrated for that retriever (``demo_assets.DEMO_THI_XI``).
+    """Arguments of the run made when the command gets none (:data:`DEFAULT_RUN`)."""
+    import importlib
 
-    The LoRA-tuned variant is what ``make demo`` trains; the simulated oracle stays available
-    with ``--mllm oracle``."""
-    from synthpedes.demo_assets import DEMO_THI_XI, demo_model
-
-    root = Path("runs/icl_end2end_default")
-    data = root / "synthpedes"
-    if not (data / "reid_raw.json").is_file():
-        from synthpedes.dataset import generate
-
-        generate(data, num_ids=300, seed=0)
-    return [
-        "--dataset-root", str(data), "--dataset", "synthpedes", "--split", "test",
-        "--retriever", str(demo_model("clip-synthpedes")), "--mllm", "hf", "--model", str(demo_model("synthpedes-vl")),
-        "--max-new-tokens", "160", "--xi", str(DEMO_THI_XI), "--out", str(root / "out"),
-    ]
+    module, _, name = DEFAULT_RUN.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)()
+    except ModuleNotFoundError as exc:
+        raise SystemExit(f"error: no arguments given and the embedded default ({module}, the SynthPEDES "
+                         f"simulation) is not importable ({exc}); pass --dataset-root, --retriever, --mllm and --out"
+                         ) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--target", default=None, help="label: dataset evaluated on (default: --dataset)")
     m = ap.add_argument_group("models")
     m.add_argument("--retriever", required=True,
-                   help=f"CLIP folder, irra:PATH, rde:PATH, or '{SYNTH_BOW}' (SynthPEDES stand-in, a simulation)")
+                   help=f"CLIP folder, irra:PATH, rde:PATH, module:factory?k=v, or '{SYNTH_BOW}' (SynthPEDES stand-in, a simulation)")
     m.add_argument("--feature-cache", default=None, help="retriever feature cache folder (default OUT/features)")
     m.add_argument("--mllm", choices=BACKEND_KINDS, required=True)
     m.add_argument("--model", default=None, help="hf/vllm: model folder; openai: served model name")
@@ -117,33 +113,26 @@ class _Retrieval:
     """Base similarity, gallery features and the text encoder, whichever retriever is used."""
 
     def __init__(self, spec: str, root: Path, gallery_paths: list[str], query_texts: list[str], cache_dir: Path):
+        from mllm_tune.core.retrievers import RetrieverLoadError, encode_gallery, load_retriever
+
         t0 = time.perf_counter()
-        self.simulated = spec == SYNTH_BOW
-        if self.simulated:
-            from synthpedes import bow_retriever as synth_bow
-
-            if not (root / "attributes.json").is_file():
-                raise SystemExit(f"error: --retriever {SYNTH_BOW} works on SynthPEDES only ({root / 'attributes.json'} "
-                                 "not found); pass a CLIP folder, irra:PATH or rde:PATH")
-
-            self.identity = "synth-bow (SIMULATION: bag of SynthPEDES attribute words from ground truth)"
-            self.gallery = synth_bow.encode_images(root, gallery_paths)
-            self.encode_text = synth_bow.encode_texts
-        else:
-            from mllm_tune.core.retrievers import load_retriever
-
+        try:
             ret = load_retriever(spec)
-            self.identity = str(ret.identity)
-            try:
-                from mllm_tune.core.retrievers.cache import encode_gallery
-
-                self.gallery = encode_gallery(ret, gallery_paths, cache_dir)
-            except ImportError:
-                self.gallery = ret.encode_images(gallery_paths)
-            self.encode_text = lambda texts: ret.encode_texts(texts, progress=False)
+        except RetrieverLoadError as exc:
+            raise SystemExit(f"error: {exc}") from exc
+        self.identity = str(ret.identity)
+        # a simulation's features come from ground truth: never cached, always labelled
+        self.simulated = bool(getattr(ret, "simulated", False))
+        try:
+            self.gallery = (ret.encode_images(gallery_paths) if self.simulated
+                            else encode_gallery(ret, gallery_paths, cache_dir))
+        except ValueError as exc:
+            if self.simulated:
+                raise SystemExit(f"error: {exc}") from exc
+            raise
+        self.encode_text = lambda texts: ret.encode_texts(texts, progress=False)
         with torch.no_grad():
-            self.queries = (self.encode_text(list(query_texts)) if self.simulated
-                            else ret.encode_texts(list(query_texts))).float()
+            self.queries = ret.encode_texts(list(query_texts)).float()
         self.gallery = self.gallery.float()
         self.base = self.queries @ self.gallery.T
         self.seconds = time.perf_counter() - t0

@@ -55,3 +55,31 @@ def encode_images(root: str | Path, paths: Sequence[str], noise: float = 0.05) -
         gens.append(torch.randn(len(VOCAB), generator=g))
     feats = encode_texts(texts) + noise * torch.nn.functional.normalize(torch.stack(gens), dim=-1)
     return torch.nn.functional.normalize(feats, dim=-1)
+
+
+class BowRetriever:
+    """The bag-of-words stand-in behind the retriever interface (``--retriever synth-bow``).
+
+    The SynthPEDES folder is found from the image paths themselves (the first ancestor holding
+    ``attributes.json``), so the spec needs no options."""
+
+    identity = "synth-bow (SIMULATION: bag of SynthPEDES attribute words from ground truth)"
+    simulated = True
+
+    def encode_images(self, paths: Sequence[str], **_: object) -> torch.Tensor:
+        if not paths:
+            return torch.zeros(0, len(VOCAB))
+        first = Path(paths[0]).resolve()
+        root = next((p for p in first.parents if (p / "attributes.json").is_file()), None)
+        if root is None:
+            raise ValueError(f"--retriever synth-bow works on SynthPEDES only: no attributes.json above {first}; "
+                             "pass a CLIP folder, irra:PATH or rde:PATH")
+        return encode_images(root, paths)
+
+    def encode_texts(self, texts: Sequence[str], **_: object) -> torch.Tensor:
+        return encode_texts(texts)
+
+
+def build() -> BowRetriever:
+    """Factory named by the ``synth-bow`` retriever alias."""
+    return BowRetriever()

@@ -37,3 +37,23 @@ def demo_model(name: str = "synthpedes-vl") -> Path:
             f"demo_models/), or rebuild it with the command in {path / 'README.md'}"
         )
     return path
+
+
+def icl_end2end_default_args() -> list[str]:
+    """The embedded default: the demo's SynthPEDES test split (300 identities, seed 0) ranked by
+    the shipped clip-synthpedes retriever, THI with the shipped SynthPEDES-VL through the hf
+    backend, at the ξ calibrated for that retriever (``demo_assets.DEMO_THI_XI``).
+
+    The LoRA-tuned variant is what ``make demo`` trains; the simulated oracle stays available
+    with ``--mllm oracle``."""
+    root = Path("runs/icl_end2end_default")
+    data = root / "synthpedes"
+    if not (data / "reid_raw.json").is_file():
+        from synthpedes.dataset import generate
+
+        generate(data, num_ids=300, seed=0)
+    return [
+        "--dataset-root", str(data), "--dataset", "synthpedes", "--split", "test",
+        "--retriever", str(demo_model("clip-synthpedes")), "--mllm", "hf", "--model", str(demo_model("synthpedes-vl")),
+        "--max-new-tokens", "160", "--xi", str(DEMO_THI_XI), "--out", str(root / "out"),
+    ]

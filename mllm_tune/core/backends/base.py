@@ -2,7 +2,8 @@
 
 A backend answers a batch of :class:`MLLMRequest` (task, prompt, optional image path) with
 greedy decoding and returns one string per request, in order. Backends are interchangeable:
-``make_backend(kind, **kw)`` builds ``hf``, ``vllm``, ``openai`` or ``oracle``; wrapping one in
+``make_backend(kind, **kw)`` (the registry in this package's ``__init__``) builds ``hf``, ``vllm``,
+``openai`` or ``oracle``; wrapping one in
 :class:`~mllm_tune.core.backends.cache.CachedBackend` adds the on-disk answer cache.
 
 ``identity()`` returns everything that can change an answer (model, adapter content hash,
@@ -23,7 +24,6 @@ from typing import Any, Sequence
 # loc: anchor localization (T_loc), vqa: human-centred VQA (T_vqa), aggr: aggregation (T_aggr),
 # dec / rwt: RDA decomposition and rewrite.
 TASKS: tuple[str, ...] = ("loc", "vqa", "aggr", "dec", "rwt")
-BACKEND_KINDS: tuple[str, ...] = ("hf", "vllm", "openai", "oracle")
 
 
 class BackendError(RuntimeError):
@@ -106,33 +106,3 @@ def dir_sha256(path: str | os.PathLike, patterns: Sequence[str] = ("*.safetensor
         h.update(str(p.relative_to(root)).encode())
         h.update(file_sha256(p).encode())
     return h.hexdigest()
-
-
-# -- factory ---------------------------------------------------------------------------------
-
-def make_backend(kind: str, **kw: Any) -> MLLMBackend:
-    """Build a backend by name. Keyword arguments go to the backend's constructor:
-
-    - ``hf``: model, adapter=None, adapter_tasks=None, max_new_tokens, batch_size, max_pixels, ...
-    - ``vllm``: model, adapter=None, ...
-    - ``openai``: base_url, model, api_key=None, concurrency, ...
-    - ``oracle``: dataset_root, error_rate=0.0, seed=0, loc_rule="consistent"
-    """
-    kind = kind.lower()
-    if kind == "hf":
-        from .hf import HFBackend
-
-        return HFBackend(**kw)
-    if kind == "vllm":
-        from .vllm import VLLMBackend
-
-        return VLLMBackend(**kw)
-    if kind == "openai":
-        from .openai_compat import OpenAIBackend
-
-        return OpenAIBackend(**kw)
-    if kind == "oracle":
-        from synthpedes.oracle import OracleBackend
-
-        return OracleBackend(**kw)
-    raise ValueError(f"unknown MLLM backend '{kind}': choose one of {', '.join(BACKEND_KINDS)}")

@@ -4,6 +4,7 @@
     r = load_retriever("path/to/clip-folder")            # Hugging Face CLIP (or a saved retriever)
     r = load_retriever("irra:logs/best.pth?tokenizer=path/to/openai-clip-tokenizer")
     r = load_retriever("rde:logs/best.pth?tokenizer=...&image_size=384x128")
+    r = load_retriever("mypkg.mymodel:build?ckpt=PATH")        # a plugin (see plugin.py)
     img = encode_gallery(r, gallery_paths, cache_dir="cache/features")
     txt = r.encode_texts(queries)
     scores = txt @ img.T
@@ -22,6 +23,7 @@ from typing import Any
 from .base import Retriever, RetrieverLoadError, l2_normalize
 from .cache import FeatureCache, encode_gallery
 from .clip import RETRIEVER_FILE, CLIPRetriever
+from .plugin import is_plugin_spec, load_plugin
 from .similarity import similarity, topk_chunked
 
 __all__ = [
@@ -57,7 +59,10 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
 
 
 def load_retriever(spec: str, device=None, **overrides: Any) -> Retriever:
-    """A retriever from a spec: a local CLIP / saved-retriever folder, ``irra:PATH`` or ``rde:PATH``."""
+    """A retriever from a spec: a local CLIP / saved-retriever folder, ``irra:PATH``, ``rde:PATH`` or a
+    plugin named ``module:factory?k=v`` (or an alias of one, see :mod:`.plugin`)."""
+    if isinstance(spec, str) and is_plugin_spec(spec) and not Path(spec.split("?", 1)[0]).expanduser().exists():
+        return load_plugin(spec)
     kind, path_s, opts = parse_spec(spec)
     opts.update({k: v for k, v in overrides.items() if v is not None})
     path = Path(path_s).expanduser()

@@ -10,7 +10,22 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import TASKS, BackendError, MLLMBackend, MLLMRequest, dir_sha256, file_sha256
+from .base import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    TASKS,
+    BackendError,
+    MLLMBackend,
+    MLLMRequest,
+    PixelBudget,
+    dir_sha256,
+    file_sha256,
+    greedy_decoding_settings,
+    max_new_tokens_for,
+    resolve_pixel_budget,
+    warn_truncated,
+)
 from .cache import CachedBackend, CacheMiss
 
 # kind -> "module:class"
@@ -46,6 +61,14 @@ def make_backend(kind: str, **kw: Any) -> MLLMBackend:
 
 
 __all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MIN_PIXELS",
+    "PixelBudget",
+    "greedy_decoding_settings",
+    "max_new_tokens_for",
+    "resolve_pixel_budget",
+    "warn_truncated",
     "BACKENDS",
     "BACKEND_KINDS",
     "TASKS",

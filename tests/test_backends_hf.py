@@ -41,6 +41,7 @@ def train_yes_adapter(model_dir: Path, images: list[str], out: Path, steps: int 
         opt.step()
         opt.zero_grad()
     model.save_pretrained(out)
+    proc.save_pretrained(out)  # as mllm_tune.sft does: the training pixel budget travels with the adapter
     return out
 
 

@@ -2,14 +2,31 @@
 
 Greedy decoding, batched with left padding (decoder-only models must be padded on the left so
 that every row's new tokens start right after its prompt). Requests are grouped by whether they
-carry an image and whether they use the adapter, so a batch is one forward shape.
+carry an image, whether they use the adapter and their task's token cap, so a batch is one
+forward shape.
 
 ``adapter_tasks``: the tasks that use the adapter; others run on the base weights through
 ``disable_adapter()``. ``("loc",)`` matches how the adapter is trained (T_loc only) and keeps the
 base model's VQA and aggregation. ``None`` uses the adapter for every task (as a merged model).
 
-The model is loaded on the first ``generate`` call, so a process that only replays the answer
-cache never loads it.
+What inference shares with training:
+
+- **Image budget.** The processor's pixel budget is :func:`~.base.resolve_pixel_budget`: the one
+  saved with the adapter, else min = max = 50,176 (224x224, the training default), unless the
+  caller passes ``min_pixels``/``max_pixels``. The Qwen2-VL resize (``smart_resize``) rounds each
+  side to a multiple of 28 (patch 14 x merge 2) keeping the aspect ratio: a crop below the budget
+  is scaled up with ``ceil`` and can overshoot max_pixels (64x128 -> 168x336 = 56,448 px, 72
+  visual tokens); one above is scaled down with ``floor`` and lands under it (168x336 -> 140x308
+  = 43,120 px, 55 tokens). Each visual token covers 28x28 = 784 px. The same function runs in the
+  SFT collator, so the same crop gives the same token count in both.
+- **Decoding.** Exactly greedy (:func:`~.base.greedy_decoding_settings`): an explicit
+  ``GenerationConfig`` replaces the checkpoint's, whose ``repetition_penalty`` (1.05 on real
+  Qwen2-VL) ``generate`` would otherwise apply even without sampling. Answer caps per task
+  (:data:`~.base.DEFAULT_MAX_NEW_TOKENS`); answers cut at the cap are counted and warned about.
+
+Model and adapter arguments are local folders or hub ids ``org/name[@revision]``
+(:func:`mllm_tune.core.hub.resolve_model`). The model is loaded on the first ``generate`` call,
+so a process that only replays the answer cache never loads it.
 """
 
 from __future__ import annotations
@@ -17,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,7 +42,18 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .base import BackendError, MLLMBackend, MLLMRequest, dir_sha256
+from ..hub import ModelResolveError, ResolvedModel, resolve_model
+from .base import (
+    BackendError,
+    MLLMBackend,
+    MLLMRequest,
+    dir_sha256,
+    greedy_decoding_settings,
+    max_new_tokens_for,
+    max_new_tokens_table,
+    resolve_pixel_budget,
+    warn_truncated,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,33 +71,56 @@ def model_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def resolve_model_folders(kind: str, model: str | Path,
+                          adapter: str | Path | None) -> tuple[ResolvedModel, ResolvedModel | None]:
+    """Resolve the model (and optional PEFT adapter) argument -- a local folder or a hub id
+    ``org/name[@rev]`` -- and check both before anything loads."""
+    try:
+        m = resolve_model(model, what=f"{kind} backend model")
+        a = resolve_model(adapter, what=f"{kind} backend adapter") if adapter else None
+    except ModelResolveError as exc:
+        raise BackendError(str(exc)) from None
+    if not (m.path / "config.json").is_file():
+        raise BackendError(f"{kind} backend: {model} is not a model folder (no config.json in {m.path}); pass --model "
+                           "a folder saved with save_pretrained or a hub id org/name")
+    if a is not None and not (a.path / "adapter_config.json").is_file():
+        raise BackendError(f"{kind} backend: {adapter} is not a PEFT adapter folder (no adapter_config.json in "
+                           f"{a.path}); pass --adapter the folder mllm_tune.sft saved")
+    return m, a
+
+
 def local_model_folders(kind: str, model: str | Path, adapter: str | Path | None) -> tuple[Path, Path | None]:
-    """Check a local model folder (and optional PEFT adapter folder) before anything loads."""
-    model_path = Path(model)
-    if not (model_path / "config.json").is_file():
-        raise BackendError(f"{kind} backend: {model_path} is not a model folder (no config.json); pass --model "
-                           "a local folder saved with save_pretrained")
-    adapter_path = Path(adapter) if adapter else None
-    if adapter_path is not None and not (adapter_path / "adapter_config.json").is_file():
-        raise BackendError(f"{kind} backend: {adapter_path} is not a PEFT adapter folder (no adapter_config.json)")
-    return model_path, adapter_path
+    """:func:`resolve_model_folders`, returning just the local paths."""
+    m, a = resolve_model_folders(kind, model, adapter)
+    return m.path, (a.path if a else None)
+
+
+def _weights_identity(resolved: ResolvedModel | None, path: Path) -> dict[str, Any]:
+    if resolved is not None and resolved.repo_id is not None:
+        return resolved.identity()  # repo + commit: stable across HF cache locations
+    return {"path": str(path.resolve())}
 
 
 def local_model_identity(backend: Any, decoding: dict[str, Any]) -> dict[str, Any]:
-    """Cache identity of a backend serving a local model folder (+ optional adapter): the model's
-    fingerprint, the adapter's content hash, which tasks use it, decoding, pixels and dtype."""
+    """Cache identity of a backend serving a model folder (+ optional adapter): the model's
+    fingerprint (and hub commit), the adapter's content hash, which tasks use it, decoding,
+    pixels and dtype. Reads ``model_resolved``/``adapter_resolved`` when the backend has them."""
     adapter = backend.adapter_path
-    return {
+    m_res = getattr(backend, "model_resolved", None)
+    a_res = getattr(backend, "adapter_resolved", None)
+    m_id = _weights_identity(m_res, backend.model_path)
+    ident = {
         "kind": backend.kind,
-        "model": str(backend.model_path.resolve()),
+        "model": m_id.get("path") or f"{m_id['repo_id']}@{m_id['commit']}",
         "model_fingerprint": model_fingerprint(backend.model_path),
-        "adapter": str(adapter.resolve()) if adapter else None,
+        "adapter": (_weights_identity(a_res, adapter).get("path") or f"{a_res.repo_id}@{a_res.commit}") if adapter else None,
         "adapter_sha256": dir_sha256(adapter) if adapter else None,
         "adapter_tasks": list(backend.adapter_tasks) if backend.adapter_tasks else "all",
         "decoding": decoding,
         "pixels": {"min": backend.min_pixels, "max": backend.max_pixels},
         "dtype": backend.dtype,
     }
+    return ident
 
 
 class HFBackend(MLLMBackend):
@@ -79,7 +131,7 @@ class HFBackend(MLLMBackend):
         model: str | Path,
         adapter: str | Path | None = None,
         adapter_tasks: Sequence[str] | None = None,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | dict[str, int] | None = None,
         batch_size: int = 8,
         max_pixels: int | None = None,
         min_pixels: int | None = None,
@@ -88,19 +140,39 @@ class HFBackend(MLLMBackend):
         progress: bool = False,
         **_: Any,
     ) -> None:
-        self.model_path, self.adapter_path = local_model_folders(self.kind, model, adapter)
+        self.model_resolved, self.adapter_resolved = resolve_model_folders(self.kind, model, adapter)
+        self.model_path = self.model_resolved.path
+        self.adapter_path = self.adapter_resolved.path if self.adapter_resolved else None
         self.adapter_tasks = tuple(adapter_tasks) if adapter_tasks else None
-        self.max_new_tokens = int(max_new_tokens)
+        self.max_new_tokens = max_new_tokens_table(max_new_tokens)  # validates the setting early
         self.batch_size = max(1, int(batch_size))
-        self.max_pixels, self.min_pixels = max_pixels, min_pixels
+        try:
+            self.pixel_budget = resolve_pixel_budget(self.adapter_path, min_pixels, max_pixels)
+        except ValueError as exc:
+            raise BackendError(f"hf backend: {exc}") from None
+        self.min_pixels, self.max_pixels = self.pixel_budget.min_pixels, self.pixel_budget.max_pixels
         self.dtype = dtype
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.progress = progress
         self._model = None
         self._processor = None
+        self._gen_config = None
+        # measured on the inputs actually fed to the model (image pad tokens per image)
+        self.visual_tokens: list[int] = []
+        self.capped: Counter[str] = Counter()
+        self.answered: Counter[str] = Counter()
+
+    def decoding(self) -> dict[str, Any]:
+        return {**greedy_decoding_settings(), "max_new_tokens": dict(self.max_new_tokens)}
 
     def identity(self) -> dict[str, Any]:
-        return local_model_identity(self, {"greedy": True, "max_new_tokens": self.max_new_tokens})
+        return local_model_identity(self, self.decoding())
+
+    def visual_token_stats(self) -> dict[str, Any]:
+        """Mean visual tokens per image over the images this backend has encoded."""
+        n = len(self.visual_tokens)
+        return {"images": n, "mean_visual_tokens": round(sum(self.visual_tokens) / n, 2) if n else None,
+                "measured": "image pad tokens in the model inputs" if n else "not measured (no image encoded)"}
 
     # -- loading ---------------------------------------------------------------------------
     def _load(self) -> None:
@@ -113,14 +185,11 @@ class HFBackend(MLLMBackend):
             dtype = torch.float32  # bf16 matmuls are slow or missing on many CPUs
         logger.info("loading %s (%s) on %s", self.model_path, dtype, self.device)
         proc = AutoProcessor.from_pretrained(self.model_path)
-        ip = getattr(proc, "image_processor", None)
-        if ip is not None and (self.max_pixels or self.min_pixels):
-            size = dict(ip.size) if hasattr(ip, "size") else {}
-            lo = self.min_pixels or min(size.get("shortest_edge") or 0, self.max_pixels or 1 << 62) or 56 * 56
-            hi = self.max_pixels or max(size.get("longest_edge") or 0, lo)
-            ip.size = {"shortest_edge": int(min(lo, hi)), "longest_edge": int(hi)}
+        apply_pixel_budget(proc, self.min_pixels, self.max_pixels)
         proc.tokenizer.padding_side = "left"
         model = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=dtype)
+        self._gen_config = greedy_generation_config(model.generation_config, proc.tokenizer)
+        model.generation_config = self._gen_config  # nothing of the checkpoint's sampling/penalties is merged back
         if self.adapter_path is not None:
             model = self._attach_adapter(model)
         self._model = model.to(self.device).eval()
@@ -166,18 +235,22 @@ class HFBackend(MLLMBackend):
             return []
         self._load()
         out: list[str | None] = [None] * len(requests)
-        groups: dict[tuple[bool, bool], list[int]] = {}
+        groups: dict[tuple[bool, bool, int], list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault((self._uses_adapter(r.task), r.image is not None), []).append(i)
+            key = (self._uses_adapter(r.task), r.image is not None, max_new_tokens_for(r.task, self.max_new_tokens))
+            groups.setdefault(key, []).append(i)
         todo = [(key, idx[s : s + self.batch_size]) for key, idx in groups.items()
                 for s in range(0, len(idx), self.batch_size)]
-        for (use_adapter, _), idx in tqdm(todo, desc="hf generate", unit="batch", disable=not self.progress):
-            for i, a in zip(idx, self._generate_batch([requests[i] for i in idx], use_adapter)):
+        capped_before = sum(self.capped.values())
+        for (use_adapter, _, cap), idx in tqdm(todo, desc="hf generate", unit="batch", disable=not self.progress):
+            for i, a in zip(idx, self._generate_batch([requests[i] for i in idx], use_adapter, cap)):
                 out[i] = a
+        capped_now = sum(self.capped.values()) - capped_before
+        warn_truncated(self.kind, capped_now, len(requests), dict(self.capped))
         return out  # type: ignore[return-value]
 
     @torch.no_grad()
-    def _generate_batch(self, reqs: list[MLLMRequest], use_adapter: bool) -> list[str]:
+    def _generate_batch(self, reqs: list[MLLMRequest], use_adapter: bool, max_new_tokens: int) -> list[str]:
         from PIL import Image
 
         proc, model = self._processor, self._model
@@ -191,13 +264,71 @@ class HFBackend(MLLMBackend):
                 with Image.open(r.image) as im:
                     images.append(im.convert("RGB"))
         inputs = proc(text=texts, images=images or None, padding=True, return_tensors="pt").to(self.device)
+        if images:
+            self.visual_tokens.extend(count_image_tokens(inputs["input_ids"], model.config))
         ctx = model.disable_adapter() if (self.adapter_path is not None and not use_adapter) else nullcontext()
+        gc = self._gen_config.copy() if hasattr(self._gen_config, "copy") else self._gen_config
+        gc.max_new_tokens = int(max_new_tokens)
         with ctx:
-            gen = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=proc.tokenizer.pad_token_id)
+            gen = model.generate(**inputs, generation_config=gc)
         new = gen[:, inputs["input_ids"].shape[1] :]
+        eos = _eos_ids(gc)
+        for r, row in zip(reqs, new):
+            self.answered[r.task] += 1
+            # cut = it ran to the cap without emitting an end-of-sequence token
+            if row.shape[0] >= max_new_tokens and not any(int(t) in eos for t in row):
+                self.capped[r.task] += 1
         return [t.strip() for t in proc.batch_decode(new, skip_special_tokens=True)]
 
     def close(self) -> None:
         self._model = None
         self._processor = None
+
+
+def apply_pixel_budget(processor: Any, min_pixels: int, max_pixels: int) -> None:
+    """Set the Qwen-VL image processor's budget (``size`` edges; min/max_pixels attributes where
+    the processor still has them), as mllm_tune.core.modeling.set_pixel_budget does for training."""
+    ip = getattr(processor, "image_processor", None)
+    if ip is None:
+        return
+    size = dict(getattr(ip, "size", None) or {})
+    size.update({"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)})
+    ip.size = size
+    for name, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if hasattr(ip, name):
+            setattr(ip, name, int(v))
+
+
+def greedy_generation_config(checkpoint: Any, tokenizer: Any):
+    """A fresh GenerationConfig that keeps only the checkpoint's special tokens and decodes
+    exactly greedily (no repetition penalty, no sampling, no other logit processor)."""
+    from transformers import GenerationConfig
+
+    g = greedy_decoding_settings()
+    eos = getattr(checkpoint, "eos_token_id", None) if checkpoint is not None else None
+    pad = getattr(checkpoint, "pad_token_id", None) if checkpoint is not None else None
+    bos = getattr(checkpoint, "bos_token_id", None) if checkpoint is not None else None
+    return GenerationConfig(
+        do_sample=False, num_beams=1, repetition_penalty=g["repetition_penalty"],
+        no_repeat_ngram_size=g["no_repeat_ngram_size"],
+        eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
+        pad_token_id=pad if pad is not None else tokenizer.pad_token_id,
+        bos_token_id=bos,
+    )
+
+
+def _eos_ids(gc: Any) -> set[int]:
+    eos = gc.eos_token_id
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def count_image_tokens(input_ids: torch.Tensor, config: Any) -> list[int]:
+    """Visual tokens per image in a batch of prompts (one image per prompt): the image pad
+    tokens the processor expanded, which is what the model actually attends to."""
+    tok = getattr(config, "image_token_id", None)
+    if tok is None:
+        return []
+    counts = (input_ids == int(tok)).sum(dim=1).tolist()
+    return [int(c) for c in counts if c > 0]

@@ -248,6 +248,10 @@ def build_trainer(cfg: RunConfig, callbacks: Sequence[Any] | None = None):
                                          cfg.model.use_bnb_nested_quant)
     model = modeling.load_model(cfg.model.model_name_or_path, dtype, cfg.model.model_revision,
                                 cfg.model.attn_implementation, quant, t.trust_remote_code)
+    if cfg.vision.freeze_vision_tower:
+        # transformers hooks the vision tower's patch embedding too: the frozen tower would be
+        # back-propagated under gradient checkpointing for nothing (issue 11, item 5)
+        modeling.keep_frozen_vision_out_of_backward(model)
     if cfg.lora.use_peft:
         peft_config = modeling.build_lora_config(
             model, r=cfg.lora.lora_r, alpha=cfg.lora.lora_alpha, dropout=cfg.lora.lora_dropout,

@@ -251,3 +251,56 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
     base = base or base_model_of_adapter(adapter_dir)
     model = load_model(base, dtype=dtype)
     return PeftModel.from_pretrained(model, str(adapter_dir))
+
+
+# -- no backward through a frozen vision tower ------------------------------------------------------
+
+
+def _vision_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if is_vision_module(n)]
+
+
+def keep_frozen_vision_out_of_backward(model: torch.nn.Module) -> torch.nn.Module:
+    """Make `model.enable_input_require_grads()` hook the language model's input embeddings only.
+
+    Why: with gradient checkpointing (or PEFT's preparation for it) transformers 5.x calls
+    `enable_input_require_grads`, which registers an output-requires-grad hook on the input
+    embeddings of *every* PreTrainedModel inside the model. For Qwen2-VL and Qwen2.5-VL that
+    includes the vision tower (`visual.patch_embed`), so the whole frozen tower is kept in the
+    autograd graph (and its checkpointed blocks recomputed) although no parameter in it trains.
+    Qwen3-VL's vision model exposes no input embeddings and is not hooked.
+
+    The language model's embedding output is what the reentrant checkpoints of the decoder need to
+    carry gradients to LoRA weights; the visual features enter the same `inputs_embeds` by a
+    scatter, so the loss and every LoRA gradient stay the same. The vision hook is kept only while
+    some vision parameter requires grad (freeze_vision_tower: false), where it is needed.
+    Idempotent; returns `model`.
+    """
+    if getattr(model, "_mllm_tune_lm_only_input_grads", False):
+        return model
+    get_emb = getattr(model, "get_input_embeddings", None)
+    stock = getattr(model, "enable_input_require_grads", None)
+    if get_emb is None or stock is None:
+        return model
+    def make_output_require_grad(module, inputs, output):
+        output.requires_grad_(True)
+
+    def enable_input_require_grads_lm_only() -> None:
+        # read at call time: PEFT may have replaced vision modules (modules_to_save) since
+        if any(p.requires_grad for p in _vision_parameters(model)):
+            stock()  # the vision tower trains: keep transformers' hooks on every embedding
+            return
+        disable = getattr(model, "disable_input_require_grads", None)
+        if disable is not None:
+            disable()  # drop hooks registered before this call (idempotent, as the stock method)
+        hook = get_emb().register_forward_hook(make_output_require_grad)
+        model._require_grads_hooks = [hook]
+        model._require_grads_hook = hook  # the name older callers read
+
+    # An instance attribute wins over the class method, and PEFT's wrappers forward attribute
+    # look-ups to this model, so TRL, PEFT and Trainer all reach this version.
+    model.enable_input_require_grads = enable_input_require_grads_lm_only
+    model._mllm_tune_lm_only_input_grads = True
+    if getattr(model, "_require_grads_hooks", None):
+        enable_input_require_grads_lm_only()  # hooks already registered: redo them
+    return model

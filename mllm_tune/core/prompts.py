@@ -6,6 +6,15 @@ decomposition (T_dec) and rewrite (T_rwt) prompts. The wording is the project's 
 
 Users replace any template from a YAML or JSON file (``load_prompts(path)``); keys are the
 field names of :class:`PromptSet`. Placeholders use ``str.format`` names, listed per field.
+
+Running with the ICL authors' wording (their released adapter was trained on it) without this
+repository holding their sentences: pass the user's own copy of the released THI script
+(``vllm_infer_ICL.py``) as the prompt file, ``--prompts path/to/vllm_infer_ICL.py``.
+:func:`prompts_from_released_script` reads its three prompt strings (T_loc, T_vqa, T_aggr) from
+the file and selects the released answer handling (``answer_handling: released``). The same by
+hand, in a YAML file: ``loc`` (with ``{caption}``), ``vqa`` (the questions written inline, no
+placeholder needed), ``aggr`` (with ``{items}``: the Python list ``[caption, fact, ...]`` the
+released script formats into it) and ``answer_handling: released``.
 """
 
 from __future__ import annotations
@@ -78,8 +87,13 @@ _DEFAULT_RWT = (
 
 @dataclass(frozen=True)
 class PromptSet:
-    """The prompt templates. Placeholders: loc {caption}; vqa {questions}; aggr {caption},
-    {facts}; dec {text}; rwt {sentence}, {m}."""
+    """The prompt templates. Placeholders: loc {caption}; vqa {questions} (optional: a template
+    may write the questions inline); aggr {caption} and {facts}, or {items}; dec {text}; rwt
+    {sentence}, {m}.
+
+    ``answer_handling`` picks how a T_vqa answer becomes facts: ``ours``
+    (:func:`split_answer_sentences`, robust to numbering variants) or ``released`` (the authors'
+    rule, :func:`released_vqa_facts`)."""
 
     loc: str = _DEFAULT_LOC
     vqa: str = _DEFAULT_VQA
@@ -87,17 +101,29 @@ class PromptSet:
     dec: str = _DEFAULT_DEC
     rwt: str = _DEFAULT_RWT
     vqa_aspects: tuple[str, ...] = VQA_ASPECTS
+    answer_handling: str = "ours"
 
     # -- rendering -------------------------------------------------------------------------
     def render_loc(self, caption: str) -> str:
         return self.loc.format(caption=_clean(caption, "caption"))
 
     def render_vqa(self) -> str:
+        if "{questions}" not in self.vqa:  # questions written inline (the released wording)
+            return self.vqa
         questions = "\n".join(f"{i}. {q}" for i, q in enumerate(self.vqa_aspects, 1))
         return self.vqa.format(questions=questions)
 
     def render_aggr(self, caption: str, facts: Iterable[str]) -> str:
-        return self.aggr.format(caption=_clean(caption, "caption"), facts=" ".join(facts))
+        caption, facts = _clean(caption, "caption"), list(facts)
+        if "{items}" in self.aggr:  # the released form: one Python list of caption and facts
+            return self.aggr.format(items=str([caption, *facts]))
+        return self.aggr.format(caption=caption, facts=" ".join(facts))
+
+    def parse_vqa(self, answer: str) -> list[str]:
+        """The facts of a T_vqa answer, by this set's ``answer_handling``."""
+        if self.answer_handling == "released":
+            return released_vqa_facts(answer)
+        return split_answer_sentences(answer)
 
     def render_dec(self, text: str) -> str:
         return self.dec.format(text=_clean(text, "text"))
@@ -113,8 +139,8 @@ class PromptSet:
 
 _PLACEHOLDERS = {
     "loc": {"caption"},
-    "vqa": {"questions"},
-    "aggr": {"caption", "facts"},
+    "vqa": set(),
+    "aggr": {"caption", "facts"},  # or {items} alone
     "dec": {"text"},
     "rwt": {"sentence", "m"},
 }
@@ -129,13 +155,50 @@ def _clean(text: str, what: str) -> str:
     return text
 
 
+ANSWER_HANDLING = ("ours", "released")
+# variable of the released THI script -> (our field, {its placeholder: ours})
+_RELEASED_NAMES = {"prompt1": ("loc", {"cap": "caption"}), "prompt2": ("vqa", {}), "prompt3": ("aggr", {"cap": "items"})}
+
+
+def prompts_from_released_script(path: str | Path) -> dict[str, str]:
+    """The T_loc / T_vqa / T_aggr strings of the user's copy of the released THI script, as
+    PromptSet fields (plus ``answer_handling: released``). Reads the file's syntax tree; nothing
+    of it is executed."""
+    import ast
+
+    path = Path(path)
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except SyntaxError as exc:
+        raise ValueError(f"prompt file {path} is not valid Python ({exc.msg}, line {exc.lineno})") from exc
+    out: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            for target in node.targets:
+                if isinstance(target, ast.Name) and target.id in _RELEASED_NAMES:
+                    field_name, renames = _RELEASED_NAMES[target.id]
+                    text = node.value.value
+                    for theirs, ours in renames.items():
+                        text = text.replace("{" + theirs + "}", "{" + ours + "}")
+                    out[field_name] = text
+    missing = [f"{name} (T_{field_name})" for name, (field_name, _) in _RELEASED_NAMES.items() if field_name not in out]
+    if missing:
+        raise ValueError(f"prompt file {path}: no string assigned to {', '.join(missing)}; pass the released THI "
+                         "script (vllm_infer_ICL.py) or a YAML/JSON prompt file")
+    out["answer_handling"] = "released"
+    return out
+
+
 def load_prompts(path: str | Path | None) -> PromptSet:
-    """Load a PromptSet from YAML/JSON, overriding only the keys the file gives."""
+    """Load a PromptSet from YAML/JSON (overriding only the keys the file gives) or from the
+    user's copy of the released THI script (a ``.py`` file)."""
     if path is None:
         return DEFAULT_PROMPTS
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
+    if path.suffix == ".py":
+        return _checked(path, prompts_from_released_script(path))
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix in {".yaml", ".yml"}:
@@ -148,13 +211,21 @@ def load_prompts(path: str | Path | None) -> PromptSet:
         raise ValueError(f"prompt file {path} is not valid {path.suffix[1:] or 'JSON'}: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"prompt file {path} must hold a mapping of template names to strings")
+    return _checked(path, data)
+
+
+def _checked(path: Path, data: dict) -> PromptSet:
     known = {f.name for f in fields(PromptSet)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"prompt file {path}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    if data.get("answer_handling", "ours") not in ANSWER_HANDLING:
+        raise ValueError(f"prompt file {path}: answer_handling must be one of {', '.join(ANSWER_HANDLING)}")
     for key, want in _PLACEHOLDERS.items():
         if key in data:
             have = set(re.findall(r"{(\w+)}", data[key]))
+            if key == "aggr" and "items" in have:
+                continue
             if not want <= have:
                 raise ValueError(
                     f"prompt file {path}: template '{key}' must contain the placeholder(s) "
@@ -207,6 +278,25 @@ def split_answer_sentences(answer: str) -> list[str]:
                     part += "."
                 out.append(part)
     return out
+
+
+def released_vqa_facts(answer: str) -> list[str]:
+    """The released script's reading of a VQA answer, rule for rule: every line holding ':' is
+    dropped; of the rest, the text between the first and the second '. ' is kept (the first
+    sentence of "N. sentence. more"), 'Yes, ' / 'No, ' removed, first letter upper-cased, a final
+    '.' added; a line without '. ' becomes an empty item (kept, as the release keeps it)."""
+    facts = []
+    for line in (answer or "").split("\n"):
+        if ":" in line:
+            continue
+        parts = line.split(". ")
+        if len(parts) < 2:
+            facts.append("")
+            continue
+        item = parts[1].replace("Yes, ", "").replace("No, ", "")
+        item = item[:1].upper() + item[1:]
+        facts.append(item if item.endswith(".") else item + ".")
+    return facts
 
 
 def split_lines(answer: str) -> list[str]:

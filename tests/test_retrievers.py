@@ -232,7 +232,8 @@ def write_checkpoint(tmp_path: Path, ref: RefCLIP, heads: dict | None, half: boo
 
 
 def ref_inputs(tokenizer, images, mean, std):
-    px = to_pixel_values([load_resized(p, (48, 16)) for p in images], mean, std)
+    # irra:/rde: resize like the released T.Resize (bilinear); see test_retriever_preprocessing.py
+    px = to_pixel_values([load_resized(p, (48, 16), "bilinear") for p in images], mean, std)
     enc = tokenizer(TEXTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     ids = enc["input_ids"]
     eos = (ids == tokenizer.eos_token_id).int().argmax(-1)

@@ -5,8 +5,18 @@ CPU; the score of (text i, image j) is ``text_feats[i] @ image_feats[j]`` (SPEC 
 ``identity`` is derived from the weights and the preprocessing settings, so it can key an
 on-disk feature cache: two retrievers with the same identity give the same features.
 
-Images are read the way IRRA/RDE test them: RGB, a PIL bicubic resize straight to (H, W) with
-no crop (person crops must keep head and feet), scaled to [0, 1], normalised per channel.
+Images are read as RGB, resized straight to (H, W) with no crop (person crops must keep head and
+feet), scaled to [0, 1] and normalised per channel. The resize filter is a setting of each
+retriever (``resample``, part of its identity):
+
+* ``"bilinear"`` for ``irra:``/``rde:`` checkpoints: the released test transform is torchvision's
+  ``T.Resize((H, W))`` on a PIL image, whose default interpolation (bilinear) maps to
+  ``PIL.Image.resize(..., Image.BILINEAR)``; on PIL input torchvision always antialiases (PIL's
+  filters widen their support when shrinking) and ignores ``antialias``. Doing the same PIL call
+  and ToTensor/Normalize's arithmetic gives bitwise the same pixel values.
+* ``"bicubic"`` for a Hugging Face CLIP folder without a saved setting: the default ``resample=3``
+  of ``CLIPImageProcessor`` (and OpenAI CLIP's own preprocessing). A folder's
+  ``preprocessor_config.json`` ``resample`` or its ``retriever.json`` ``resample`` wins.
 """
 
 from __future__ import annotations
@@ -25,6 +35,11 @@ logger = logging.getLogger(__name__)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Resize filters by name, with the PIL codes that HF preprocessor configs store as ``resample``.
+RESAMPLE_CODES = {"bilinear": 2, "bicubic": 3}
+RELEASED_RESAMPLE = "bilinear"  # IRRA/RDE: torchvision T.Resize default on PIL images
+HF_CLIP_RESAMPLE = "bicubic"  # CLIPImageProcessor's default, what plain CLIP folders were trained with
 
 
 class RetrieverLoadError(ValueError):
@@ -75,15 +90,29 @@ def parse_image_size(value: Any) -> tuple[int, int] | None:
     return nums[0], nums[1]
 
 
-def load_resized(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """Read one image and resize it (PIL bicubic) to ``size`` = (H, W); uint8 array H x W x 3."""
+def resample_name(value: Any, where: str = "resample") -> str:
+    """'bilinear' / 'bicubic' from a name or a PIL filter code (2 / 3, as in preprocessor configs)."""
+    if isinstance(value, str) and value.strip().lower() in RESAMPLE_CODES:
+        return value.strip().lower()
+    for name, code in RESAMPLE_CODES.items():
+        if not isinstance(value, (str, bool)) and value == code:
+            return name
+    raise ValueError(f"{where}: resize filter {value!r} is not supported; use 'bilinear' (IRRA/RDE, code 2) or "
+                     "'bicubic' (HF CLIP, code 3)")
+
+
+def load_resized(path: str | Path, size: tuple[int, int], resample: str = HF_CLIP_RESAMPLE) -> np.ndarray:
+    """Read one image and resize it with PIL (``resample``: 'bilinear' or 'bicubic') to ``size`` =
+    (H, W); uint8 array H x W x 3. Pass the retriever's own ``resample``: the default is only the
+    plain-CLIP one."""
     from PIL import Image, UnidentifiedImageError
 
+    code = RESAMPLE_CODES[resample_name(resample)]
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
-            if im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.BICUBIC)
+            if im.size != (size[1], size[0]):  # torchvision's T.Resize also returns an exact-size image as is
+                im = im.resize((size[1], size[0]), code)
             return np.asarray(im, dtype=np.uint8).copy()
     except FileNotFoundError:
         raise FileNotFoundError(f"image {path} does not exist; check the dataset root and its image folder") from None
@@ -103,15 +132,16 @@ def to_pixel_values(arrays: Sequence[np.ndarray] | np.ndarray, mean: Sequence[fl
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Paths -> resized uint8 arrays (decoded in DataLoader workers when there are any)."""
 
-    def __init__(self, paths: Sequence[str | Path], size: tuple[int, int]):
+    def __init__(self, paths: Sequence[str | Path], size: tuple[int, int], resample: str = HF_CLIP_RESAMPLE):
         self.paths = [str(p) for p in paths]
         self.size = size
+        self.resample = resample_name(resample)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return load_resized(self.paths[i], self.size)
+        return load_resized(self.paths[i], self.size, self.resample)
 
 
 def _stack_uint8(batch: list[np.ndarray]) -> np.ndarray:
@@ -127,8 +157,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 class Retriever(ABC):
     """An offline text-image retrieval model (f_cross).
 
-    Subclasses set ``kind``, ``image_size`` (H, W), ``text_length``, ``mean``/``std``, ``device``
-    and implement ``_image_batch`` / ``_text_batch`` (raw features for one batch) and
+    Subclasses set ``kind``, ``image_size`` (H, W), ``text_length``, ``mean``/``std``, ``resample``,
+    ``device`` and implement ``_image_batch`` / ``_text_batch`` (raw features for one batch) and
     ``save_pretrained``.
     """
 
@@ -137,6 +167,7 @@ class Retriever(ABC):
     text_length: int
     mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     std: tuple[float, ...] = OPENAI_CLIP_STD
+    resample: str = HF_CLIP_RESAMPLE
     device: torch.device
     num_workers: int = 0
 
@@ -171,7 +202,7 @@ class Retriever(ABC):
 
         if len(paths) == 0:
             return torch.zeros(0, self.dim)
-        ds = ImageFolderDataset(paths, self.image_size)
+        ds = ImageFolderDataset(paths, self.image_size, self.resample)
         dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
                                          collate_fn=_stack_uint8)
         out = []
@@ -208,7 +239,7 @@ class Retriever(ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "identity": self.identity, "image_size": list(self.image_size),
-                "text_length": self.text_length, "dim": self.dim}
+                "text_length": self.text_length, "resample": self.resample, "dim": self.dim}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.describe()})"

@@ -13,6 +13,11 @@ Two adaptations, both applied once at load time and stored by ``save_pretrained`
 
 A square model at its native size stays a plain ``CLIPModel`` checkpoint.
 
+Images are resized with the folder's own filter: ``retriever.json`` ``resample`` when this
+toolkit saved the folder (``irra:``/``rde:`` conversions keep IRRA/RDE's bilinear), else the
+``resample`` code of its ``preprocessor_config.json``, else bicubic, the default of
+``CLIPImageProcessor``; always with PIL (see :mod:`.base`).
+
 Text features are read at the first end-of-text token (found by id), so added tokens (such as
 a mask token for training) and padding with the end token both work whatever the config's
 legacy ``eos_token_id`` says.
@@ -33,12 +38,15 @@ from transformers import CLIPConfig, CLIPModel
 from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
 
 from .base import (
+    HF_CLIP_RESAMPLE,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    RESAMPLE_CODES,
     Retriever,
     RetrieverLoadError,
     l2_normalize,
     parse_image_size,
+    resample_name,
     resolve_device,
     settings_digest,
 )
@@ -258,19 +266,21 @@ def read_json(path: Path) -> dict:
 
 
 def folder_preprocessing(folder: Path) -> dict[str, Any]:
-    """Image size / mean / std recorded by a processor in ``folder`` (either HF file name)."""
+    """Image size / mean / std / resize filter recorded by a processor in ``folder`` (either HF file name)."""
     for name in ("preprocessor_config.json", "processor_config.json"):
         f = folder / name
         if f.is_file():
             cfg = read_json(f)
             cfg = cfg.get("image_processor", cfg)
             out: dict[str, Any] = {"mean": tuple(cfg.get("image_mean", OPENAI_CLIP_MEAN)),
-                                   "std": tuple(cfg.get("image_std", OPENAI_CLIP_STD))}
+                                   "std": tuple(cfg.get("image_std", OPENAI_CLIP_STD)),
+                                   "resample": resample_name(cfg.get("resample", RESAMPLE_CODES[HF_CLIP_RESAMPLE]),
+                                                             f"{f} 'resample'")}
             size = cfg.get("size") or {}
             if isinstance(size, dict) and "height" in size and "width" in size and not cfg.get("do_center_crop", False):
                 out["image_size"] = (int(size["height"]), int(size["width"]))
             return out
-    return {"mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD}
+    return {"mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD, "resample": HF_CLIP_RESAMPLE}
 
 
 def load_tokenizer(source: str | Path, for_what: str):
@@ -322,6 +332,7 @@ class CLIPRetriever(Retriever):
         std=OPENAI_CLIP_STD,
         device: str | torch.device | None = None,
         kind: str | None = None,
+        resample: str = HF_CLIP_RESAMPLE,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -344,6 +355,7 @@ class CLIPRetriever(Retriever):
         model.config.text_config.eos_token_id = self.eos_id
         model.text_model.eos_token_id = self.eos_id
         self.mean, self.std = tuple(mean), tuple(std)
+        self.resample = resample_name(resample)
         self.device = resolve_device(device)
         self.model.to(self.device).eval()
         self._identity: str | None = None
@@ -351,7 +363,7 @@ class CLIPRetriever(Retriever):
     # -- loading / saving --------------------------------------------------------------------
     @classmethod
     def from_folder(cls, folder: str | Path, device=None, image_size=None, text_length=None, tokenizer=None,
-                    attn_implementation: str | None = None) -> "CLIPRetriever":
+                    attn_implementation: str | None = None, resample: str | None = None) -> "CLIPRetriever":
         folder = Path(folder)
         model = load_clip_model(folder, attn_implementation)
         tok = load_tokenizer(tokenizer or folder, f"the CLIP retriever in {folder}")
@@ -359,11 +371,13 @@ class CLIPRetriever(Retriever):
         saved = read_json(folder / RETRIEVER_FILE) if (folder / RETRIEVER_FILE).is_file() else {}
         size = parse_image_size(image_size) or parse_image_size(saved.get("image_size")) or pre.get("image_size")
         length = text_length or saved.get("text_length")
-        return cls(model, tok, size, length, pre["mean"], pre["std"], device)
+        filt = resample or saved.get("resample") or pre["resample"]
+        return cls(model, tok, size, length, pre["mean"], pre["std"], device,
+                   resample=resample_name(filt, f"{folder} resample"))
 
     def _settings(self) -> dict[str, Any]:
         return {"image_size": list(self.image_size), "text_length": self.text_length, "mean": list(self.mean),
-                "std": list(self.std), "eos": self.eos_id, "resize": "pil-bicubic", "pool": "cls/first-eos"}
+                "std": list(self.std), "eos": self.eos_id, "resize": f"pil-{self.resample}", "pool": "cls/first-eos"}
 
     def save_pretrained(self, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
         from transformers import CLIPImageProcessor
@@ -374,8 +388,10 @@ class CLIPRetriever(Retriever):
         self.tokenizer.save_pretrained(out)
         h, w = self.image_size
         CLIPImageProcessor(size={"height": h, "width": w}, crop_size={"height": h, "width": w}, do_center_crop=False,
-                           image_mean=list(self.mean), image_std=list(self.std)).save_pretrained(out)
-        meta = {"kind": "clip", "image_size": [h, w], "text_length": self.text_length, "identity": self.identity}
+                           image_mean=list(self.mean), image_std=list(self.std),
+                           resample=RESAMPLE_CODES[self.resample]).save_pretrained(out)
+        meta = {"kind": "clip", "image_size": [h, w], "text_length": self.text_length, "resample": self.resample,
+                "identity": self.identity}
         meta.update(extra or {})
         (out / RETRIEVER_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         return out

@@ -11,7 +11,8 @@ The conversion is key renaming plus three layout changes: the fused q/k/v projec
 into three, the ``x @ proj`` matrices become ``nn.Linear`` weights (transposed), and the
 position table goes into :class:`ReIDCLIPModel`'s rectangular embedding. Attention heads are
 ``width // 64`` as in OpenAI CLIP unless given. The training run's ``configs.yaml`` next to the
-checkpoint supplies ``img_size``, ``stride_size`` and ``text_length`` when present.
+checkpoint supplies ``img_size``, ``stride_size`` and ``text_length`` when present. Images are
+resized bilinearly, as the released ``T.Resize((H, W))`` does (``resample`` overrides it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from transformers import CLIPConfig
 
-from .base import RetrieverLoadError, parse_image_size
+from .base import RELEASED_RESAMPLE, RetrieverLoadError, parse_image_size
 from .clip import CLIPRetriever, ReIDCLIPModel, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ def checkpoint_options(path: Path, image_size=None, stride=None, text_length=Non
 
 
 def load_irra(path: str | Path, device=None, image_size=None, stride=None, text_length=None, tokenizer=None,
-              heads: int | None = None, text_heads: int | None = None) -> CLIPRetriever:
+              heads: int | None = None, text_heads: int | None = None, resample: str = RELEASED_RESAMPLE) -> CLIPRetriever:
     """An IRRA checkpoint as a CLIP retriever (IRRA scores with the CLIP features alone)."""
     path = Path(path)
     opts = checkpoint_options(path, image_size, stride, text_length, tokenizer)
@@ -233,4 +234,4 @@ def load_irra(path: str | Path, device=None, image_size=None, stride=None, text_
     config, hf, size = openai_to_hf(backbone, opts["image_size"], opts["stride"], heads, text_heads, ids)
     model = build_model(config, hf, path)
     return CLIPRetriever(model, tok, size, opts["text_length"] or config.text_config.max_position_embeddings,
-                         device=device, kind="irra")
+                         device=device, kind="irra", resample=resample)

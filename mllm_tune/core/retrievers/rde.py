@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Retriever, RetrieverLoadError, l2_normalize, resolve_device, settings_digest
+from .base import RELEASED_RESAMPLE, Retriever, RetrieverLoadError, l2_normalize, resolve_device, settings_digest
 from .clip import RETRIEVER_FILE, CLIPRetriever, image_tokens, state_digest, text_embeds
 from .irra import build_model, checkpoint_options, openai_to_hf, read_checkpoint, split_backbone
 
@@ -131,7 +131,7 @@ class RDERetriever(Retriever):
         self.image_head = image_head.to(clip.device).eval()
         self.text_head = text_head.to(clip.device).eval()
         self.image_size, self.text_length = clip.image_size, clip.text_length
-        self.mean, self.std, self.device = clip.mean, clip.std, clip.device
+        self.mean, self.std, self.device, self.resample = clip.mean, clip.std, clip.device, clip.resample
         # TSE reads attention probabilities, which only the eager attention returns
         clip.model.set_attn_implementation("eager")
         self._identity: str | None = None
@@ -205,7 +205,8 @@ class RDERetriever(Retriever):
 
 
 def load_rde(path: str | Path, device=None, image_size=None, stride=None, text_length=None, tokenizer=None,
-             heads: int | None = None, text_heads: int | None = None, ratio: float | None = None) -> RDERetriever:
+             heads: int | None = None, text_heads: int | None = None, ratio: float | None = None,
+             resample: str = RELEASED_RESAMPLE) -> RDERetriever:
     """A released RDE ``best.pth`` (CLIP backbone + TSE heads) as a retriever."""
     from .clip import load_tokenizer
 
@@ -220,7 +221,7 @@ def load_rde(path: str | Path, device=None, image_size=None, stride=None, text_l
     model = build_model(config, hf, path)
     model.set_attn_implementation("eager")
     clip = CLIPRetriever(model, tok, size, opts["text_length"] or config.text_config.max_position_embeddings,
-                         device=device, kind="rde-clip")
+                         device=device, kind="rde-clip", resample=resample)
     return RDERetriever(clip, image_head, text_head)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -98,3 +99,94 @@ def test_hf_end_to_end_harness(synth_root, tiny_qwen2_vl, yes_adapter, tmp_path)
     assert res["config"]["backend_identity"]["adapter_tasks"] == ["loc"]
     again = main(argv)  # resumed entirely from the answer cache
     assert sum(again["backend_calls"].values()) == 0 and again["rounds"] == res["rounds"]
+
+
+# -- decoding parity (issue 11, item 3) ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sampling_checkpoint(tiny_qwen2_vl, tmp_path_factory) -> Path:
+    """The tiny model with the generation_config real Qwen2-VL checkpoints ship (sampling on,
+    repetition_penalty 1.05)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("gencfg") / "m"
+    shutil.copytree(tiny_qwen2_vl, out)
+    cfg = json.loads((out / "generation_config.json").read_text())
+    cfg.update({"do_sample": True, "temperature": 0.1, "top_p": 0.001, "top_k": 1, "repetition_penalty": 1.05})
+    (out / "generation_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def _manual_greedy(backend, req: MLLMRequest, steps: int) -> list[int]:
+    """Argmax of the next-token logits, full forward each step, no logit processor at all."""
+    from PIL import Image
+
+    proc, model = backend._processor, backend._model
+    content = ([{"type": "image"}] if req.image else []) + [{"type": "text", "text": req.prompt}]
+    text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    images = [Image.open(req.image).convert("RGB")] if req.image else None
+    enc = proc(text=[text], images=images, return_tensors="pt")
+    ids, eos = enc["input_ids"], backend._gen_config.eos_token_id
+    extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[0, -1]
+            nxt = int(logits.argmax())
+            if nxt in (eos if isinstance(eos, list) else [eos]):
+                break
+            new.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+            if "mm_token_type_ids" in extra:  # per-token modality (0 = text) grows with the sequence
+                extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros(1, 1, dtype=torch.long)], 1)
+    return new
+
+
+def _encode(backend, req: MLLMRequest):
+    from PIL import Image
+
+    proc = backend._processor
+    content = ([{"type": "image"}] if req.image else []) + [{"type": "text", "text": req.prompt}]
+    text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    return proc(text=[text], images=[Image.open(req.image).convert("RGB")] if req.image else None, return_tensors="pt")
+
+
+def test_hf_decodes_exactly_greedily(sampling_checkpoint, split, caplog):
+    from mllm_tune.core.backends import DEFAULT_MAX_NEW_TOKENS
+
+    steps = 12
+    reqs = [MLLMRequest("loc", P.render_loc(split.query_texts[i]), split.gallery_paths[i]) for i in range(2)]
+    reqs += [MLLMRequest("aggr", P.render_aggr("A man in a red coat.", ["He wears a hat."])),
+             MLLMRequest("dec", "Split this: a man with a bag and a hat.")]
+    be = make_backend("hf", model=sampling_checkpoint, max_new_tokens=steps, batch_size=4)
+    with caplog.at_level("WARNING"):
+        got = be.generate(reqs)
+    manual = [_manual_greedy(be, r, steps) for r in reqs]
+    decode = be._processor.tokenizer.decode
+    assert got == [decode(m, skip_special_tokens=True).strip() for m in manual]
+    assert got == be.generate(reqs)  # no sampling: the same answers again
+    # token for token: the backend's GenerationConfig is the argmax loop, the checkpoint's is not
+    from transformers import GenerationConfig
+
+    ckpt = GenerationConfig.from_pretrained(sampling_checkpoint)
+    ckpt.do_sample, ckpt.max_new_tokens = False, steps  # even without sampling, the penalty applies
+    ours = copy.deepcopy(be._gen_config)
+    ours.max_new_tokens = steps
+    differs = 0
+    for r, m in zip(reqs, manual):
+        enc = _encode(be, r)
+        n = enc["input_ids"].shape[1]
+        assert be._model.generate(**enc, generation_config=ours)[0, n:].tolist()[: len(m)] == m
+        differs += be._model.generate(**enc, generation_config=ckpt)[0, n:].tolist()[: len(m)] != m
+    assert differs >= 1  # repetition_penalty 1.05 changes at least one answer of the random model
+    # a random tiny model never stops: every answer ran into the cap, and that is said with a count
+    assert be.capped and sum(be.capped.values()) >= 1
+    assert "hit the max_new_tokens cap" in caplog.text
+    ident = be.identity()
+    assert ident["decoding"]["repetition_penalty"] == 1.0 and ident["decoding"]["do_sample"] is False
+    assert ident["decoding"]["max_new_tokens"]["vqa"] == steps
+    # per-task defaults, and a per-task override keeps the other defaults
+    assert make_backend("hf", model=sampling_checkpoint).max_new_tokens == DEFAULT_MAX_NEW_TOKENS
+    per_task = make_backend("hf", model=sampling_checkpoint, max_new_tokens={"loc": 3})
+    assert per_task.max_new_tokens["loc"] == 3 and per_task.max_new_tokens["vqa"] == DEFAULT_MAX_NEW_TOKENS["vqa"]
+    assert per_task.identity() != be.identity()

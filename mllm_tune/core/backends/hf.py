@@ -31,6 +31,7 @@ so a process that only replays the answer cache never loads it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -241,12 +242,12 @@ class HFBackend(MLLMBackend):
             groups.setdefault(key, []).append(i)
         todo = [(key, idx[s : s + self.batch_size]) for key, idx in groups.items()
                 for s in range(0, len(idx), self.batch_size)]
-        capped_before = sum(self.capped.values())
+        capped_before = Counter(self.capped)
         for (use_adapter, _, cap), idx in tqdm(todo, desc="hf generate", unit="batch", disable=not self.progress):
             for i, a in zip(idx, self._generate_batch([requests[i] for i in idx], use_adapter, cap)):
                 out[i] = a
-        capped_now = sum(self.capped.values()) - capped_before
-        warn_truncated(self.kind, capped_now, len(requests), dict(self.capped))
+        capped_now = self.capped - capped_before
+        warn_truncated(self.kind, sum(capped_now.values()), len(requests), dict(capped_now))
         return out  # type: ignore[return-value]
 
     @torch.no_grad()
@@ -267,7 +268,7 @@ class HFBackend(MLLMBackend):
         if images:
             self.visual_tokens.extend(count_image_tokens(inputs["input_ids"], model.config))
         ctx = model.disable_adapter() if (self.adapter_path is not None and not use_adapter) else nullcontext()
-        gc = self._gen_config.copy() if hasattr(self._gen_config, "copy") else self._gen_config
+        gc = copy.deepcopy(self._gen_config)
         gc.max_new_tokens = int(max_new_tokens)
         with ctx:
             gen = model.generate(**inputs, generation_config=gc)

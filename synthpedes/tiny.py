@@ -34,11 +34,17 @@ QWEN_SPECIAL = (
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 )
 
-# Defaults: small enough for seconds-long CPU tests; every value can be overridden.
+# Defaults: small enough for seconds-long CPU tests; every value can be overridden. Head size 32
+# (64 / 2 heads, grouped 2:1 like the real models): vLLM's CPU attention serves head sizes 32, 64,
+# 80, ... only, and 16 fails with "Unsupported CPU attention configuration" (tests/test_vllm_real.py).
 QWEN_DEFAULTS: dict[str, Any] = {
-    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "vision_depth": 1, "vision_hidden": 32, "vision_heads": 2,
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "num_key_value_heads": 1, "vision_depth": 1, "vision_hidden": 32, "vision_heads": 1,
     "image_pixels": 112 * 56,  # min = max pixels: 8 visual tokens per image after the 2x2 merge
+    # Larger than transformers' 0.02 so that a LoRA on the language model alone can move the answer
+    # logits (with tied embeddings of std 0.02 they stay within ~±1.3 after the final norm, and a
+    # few-step LoRA could not overfit a pair without training lm_head, which vLLM cannot serve).
+    "initializer_range": 0.1,
 }
 # Named architectures: ``--preset synthpedes-vl`` is the shipped demo MLLM (0.90M parameters;
 # docs/synthpedes_vl.md says why this size).
@@ -46,6 +52,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "synthpedes-vl": {
         "hidden_size": 128, "num_hidden_layers": 3, "intermediate_size": 384, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vision_depth": 1, "vision_hidden": 64, "vision_heads": 2, "image_pixels": 6272,
+        "initializer_range": 0.02,
     },
 }
 CLIP_DEFAULTS: dict[str, Any] = {
@@ -121,7 +128,7 @@ def _qwen_config(family: str, tokenizer, o: dict[str, Any]):
         "num_hidden_layers": o["num_hidden_layers"], "num_attention_heads": heads,
         "num_key_value_heads": o["num_key_value_heads"], "max_position_embeddings": 2048,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
-        "tie_word_embeddings": True, "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": True, "pad_token_id": tokenizer.pad_token_id, "initializer_range": o["initializer_range"],
         "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"), "eos_token_id": tokenizer.eos_token_id,
     }
     vd, vh, vheads = o["vision_depth"], o["vision_hidden"], o["vision_heads"]

@@ -1,4 +1,6 @@
-"""The vLLM backend: optional import, and the engine calls it makes (with a stand-in engine)."""
+"""The vLLM backend without vLLM: optional import, the engine calls it makes (a stand-in engine),
+the derived max_model_len, the error translation, and the adapter check. The real engine is in
+tests/test_vllm_real.py (``make test-vllm``)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,15 @@ import types
 import pytest
 
 from mllm_tune.core.backends import BackendError, MLLMRequest, make_backend
+from mllm_tune.core.backends.adapter_check import (
+    UnservableAdapterError,
+    assert_servable,
+    check_adapter,
+    lora_rank_for_engine,
+)
+from mllm_tune.core.backends.adapter_check import main as check_main
+
+IMAGE_TOKEN = 7
 
 
 def test_missing_vllm_is_a_clear_error(tmp_path, monkeypatch):
@@ -17,17 +28,30 @@ def test_missing_vllm_is_a_clear_error(tmp_path, monkeypatch):
         make_backend("vllm", model=tmp_path)
 
 
-def test_engine_calls_with_lora_request(tmp_path, monkeypatch, synth_root):
-    calls = []
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """A stand-in ``vllm`` module that records engine starts and chat calls."""
+    calls: list = []
 
     class LLM:
+        fail_start: Exception | None = None
+        fail_chat: Exception | None = None
+
         def __init__(self, **kw):
             calls.append(("init", kw))
+            if LLM.fail_start is not None:
+                raise LLM.fail_start
 
         def chat(self, convs, params, lora_request=None, use_tqdm=True):
-            calls.append(("chat", len(convs), lora_request))
-            out = types.SimpleNamespace
-            return [out(outputs=[out(text=f" ans{'-lora' if lora_request else ''} ")]) for _ in convs]
+            calls.append(("chat", len(convs), lora_request, params))
+            if LLM.fail_chat is not None:
+                raise LLM.fail_chat
+            ns = types.SimpleNamespace
+            return [ns(outputs=[ns(text=f" ans{'-lora' if lora_request else ''} ",
+                                   finish_reason="length" if p["max_tokens"] == 1 else "stop")],
+                       prompt_token_ids=[1, IMAGE_TOKEN, IMAGE_TOKEN, IMAGE_TOKEN, 2]
+                       if c[0]["content"][0]["type"] == "image_url" else [1, 2])
+                    for c, p in zip(convs, params)]
 
     vllm = types.ModuleType("vllm")
     vllm.LLM = LLM
@@ -37,15 +61,130 @@ def test_engine_calls_with_lora_request(tmp_path, monkeypatch, synth_root):
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
     monkeypatch.setitem(sys.modules, "vllm.lora.request", lora)
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text("{}")
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"r": 12}))
+    return types.SimpleNamespace(calls=calls, LLM=LLM)
+
+
+def _model(tmp_path, max_pos=32768):
+    (tmp_path / "m").mkdir(exist_ok=True)
+    (tmp_path / "m" / "config.json").write_text(json.dumps({
+        "image_token_id": IMAGE_TOKEN, "vision_config": {"patch_size": 14, "spatial_merge_size": 2},
+        "text_config": {"max_position_embeddings": max_pos}}))
+    return tmp_path / "m"
+
+
+def _adapter(tmp_path, name="a", **cfg):
+    (tmp_path / name).mkdir(exist_ok=True)
+    (tmp_path / name / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, **cfg}))
+    return tmp_path / name
+
+
+def test_engine_calls_with_lora_request(tmp_path, fake_vllm, synth_root):
     img = next((synth_root / "imgs").rglob("*.png"))
-    be = make_backend("vllm", model=tmp_path / "m", adapter=tmp_path / "a", adapter_tasks=("loc",), max_pixels=6272)
+    adapter = _adapter(tmp_path, r=12)
+    be = make_backend("vllm", model=_model(tmp_path), adapter=adapter, adapter_tasks=("loc",), max_pixels=6272,
+                      min_pixels=6272, max_new_tokens={"aggr": 1}, gpu_memory_utilization=0.8, max_num_seqs=4,
+                      engine_kwargs={"seed": 3})
     out = be.generate([MLLMRequest("aggr", "x"), MLLMRequest("loc", "y", str(img)), MLLMRequest("vqa", "z", str(img))])
     assert out == ["ans", "ans-lora", "ans"]
-    init = calls[0][1]
-    assert init["enable_lora"] and init["max_lora_rank"] == 16 and init["mm_processor_kwargs"] == {"max_pixels": 6272}
-    assert calls[1] == ("chat", 1, ("lora", "thi_adapter", 1, str(tmp_path / "a"))) and calls[2][1:] == (2, None)
-    assert be.identity()["adapter_tasks"] == ["loc"]
+    init = fake_vllm.calls[0][1]
+    assert init["enable_lora"] and init["max_lora_rank"] == 16  # the smallest rank vLLM accepts that holds 12
+    assert init["mm_processor_kwargs"] == {"min_pixels": 6272, "max_pixels": 6272}
+    assert init["gpu_memory_utilization"] == 0.8 and init["max_num_seqs"] == 4 and init["seed"] == 3
+    assert "tensor_parallel_size" not in init and init["generation_config"] == "vllm"
+    _, n, lora, params = fake_vllm.calls[1]
+    assert (n, lora) == (1, ("lora", "thi_adapter", 1, str(adapter)))
+    assert params[0]["temperature"] == 0.0 and params[0]["repetition_penalty"] == 1.0 and params[0]["top_k"] == 0
+    assert params[0]["max_tokens"] == 64  # T_loc's default cap
+    assert fake_vllm.calls[2][1:3] == (2, None) and [p["max_tokens"] for p in fake_vllm.calls[2][3]] == [1, 2048]
+    assert be.identity()["adapter_tasks"] == ["loc"] and be.identity()["decoding"]["repetition_penalty"] == 1.0
+    assert be.visual_token_stats()["mean_visual_tokens"] == 3 and be.capped["aggr"] == 1
+    settings = be.engine_settings()
+    assert settings["max_model_len_source"] == "derived" and settings["pixel_budget"]["source"] == "explicit"
+
+
+def test_derived_max_model_len_follows_the_budget_and_the_model(tmp_path, fake_vllm):
+    be = make_backend("vllm", model=_model(tmp_path))  # default budget 50,176 px, default caps (vqa 2048)
+    # 50,176 px * 1.25 / 28^2 = 80 visual tokens + 1024 text + 2048 answer = 3152 -> 3328
+    assert be.engine_kwargs_used()["max_model_len"] == 3328
+    assert make_backend("vllm", model=_model(tmp_path), max_new_tokens=64).engine_kwargs_used()["max_model_len"] == 1280
+    assert make_backend("vllm", model=_model(tmp_path, max_pos=2048)).engine_kwargs_used()["max_model_len"] == 2048
+    explicit = make_backend("vllm", model=_model(tmp_path), max_model_len=900)
+    assert explicit.engine_kwargs_used()["max_model_len"] == 900 and explicit.engine_settings()["max_model_len_source"] == "explicit"
+
+
+def test_start_failure_carries_the_root_cause_and_a_fix(tmp_path, fake_vllm):
+    try:
+        try:
+            raise ValueError("User-specified max_model_len (99999) is greater than the derived max_model_len (2048)")
+        except ValueError as inner:
+            raise RuntimeError("Engine core initialization failed. See root cause above.") from inner
+    except RuntimeError as outer:
+        fake_vllm.LLM.fail_start = outer
+    be = make_backend("vllm", model=_model(tmp_path), max_model_len=99999)
+    with pytest.raises(BackendError, match=r"ValueError: User-specified max_model_len \(99999\).*Fix: pass "
+                                           r"--vllm-max-model-len"):
+        be.generate([MLLMRequest("aggr", "x")])
+
+
+def test_dead_engine_is_reported_once_with_its_cause_then_refused(tmp_path, fake_vllm):
+    class EngineDeadError(Exception):
+        pass
+
+    try:
+        try:
+            raise ValueError("vLLM only supports modules_to_save being either None or [classifier, score]")
+        except ValueError as inner:
+            raise EngineDeadError("EngineCore encountered an issue. See stack trace (above) for the root cause.") from inner
+    except EngineDeadError as exc:
+        fake_vllm.LLM.fail_chat = exc
+    be = make_backend("vllm", model=_model(tmp_path), adapter=_adapter(tmp_path))
+    with pytest.raises(BackendError, match="modules_to_save.*Fix: the adapter .*adapter_check"):
+        be.generate([MLLMRequest("loc", "x")])
+    with pytest.raises(BackendError, match="died earlier .*modules_to_save.*start a new process"):
+        be.generate([MLLMRequest("aggr", "x")])
+
+
+def test_adapter_check_lists_what_vllm_refuses(tmp_path):
+    bad = _adapter(tmp_path, "bad", r=600, modules_to_save=["lm_head"], use_dora=True, bias="all",
+                   target_modules="model.visual.blocks.*.qkv", init_lora_weights="pissa")
+    check = check_adapter(bad)
+    assert not check.ok and len(check.problems) == 6
+    msg = check.message()
+    for needle in ("modules_to_save=['lm_head']", "vision tower", "DoRA", "bias", "pissa", "rank 600",
+                   "python -m mllm_tune.merge"):
+        assert needle in msg, needle
+    ok = _adapter(tmp_path, "ok", r=8, target_modules=["q_proj", "v_proj"], modules_to_save=None)
+    assert check_adapter(ok).ok and lora_rank_for_engine(8) == 8 and lora_rank_for_engine(9) == 16
+    with pytest.raises(UnservableAdapterError, match="above the engine's max_lora_rank 8.*--max-lora-rank 16"):
+        assert_servable(_adapter(tmp_path, "r12", r=12), max_lora_rank=8)
+    with pytest.raises(UnservableAdapterError, match="no adapter_config.json"):
+        check_adapter(tmp_path / "nothing")
+
+
+def test_adapter_check_reads_vision_weights_from_the_safetensors(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    a = _adapter(tmp_path, "w", target_modules="all-linear")
+    save_file({"base_model.model.model.visual.blocks.0.attn.qkv.lora_A.weight": torch.zeros(8, 4),
+               "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(8, 4)},
+              a / "adapter_model.safetensors")
+    assert "1 weights such as base_model.model.model.visual.blocks.0" in check_adapter(a).message()
+
+
+def test_vllm_backend_refuses_an_unservable_adapter_before_the_engine(tmp_path, fake_vllm, capsys):
+    bad = _adapter(tmp_path, "bad", modules_to_save=["lm_head"])
+    with pytest.raises(UnservableAdapterError, match="vllm backend: adapter .* cannot be served.*retrain"):
+        make_backend("vllm", model=_model(tmp_path), adapter=bad)
+    assert not fake_vllm.calls  # no engine was started
+    assert check_main([str(bad)]) == 1 and "modules_to_save" in capsys.readouterr().err
+    assert check_main([str(_adapter(tmp_path, "fine"))]) == 0 and "--max-lora-rank 8" in capsys.readouterr().out
+
+
+def test_tiny_lora_recipe_trains_a_servable_adapter():
+    """recipes/tiny_lora.yaml is what tests and CI train: vLLM must be able to serve its adapters."""
+    import yaml
+    from pathlib import Path
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "tiny_lora.yaml").read_text())
+    assert not recipe.get("lora_modules_to_save")

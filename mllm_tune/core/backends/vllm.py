@@ -1,26 +1,58 @@
-"""Offline vLLM engine backend (GPU), with the LoRA adapter served through ``LoRARequest``.
+"""Offline vLLM engine backend, with the LoRA adapter served through ``LoRARequest``.
 
-vLLM is optional (``pip install 'mllm-tune[vllm]'``); without it, building this backend raises a
-clear error. The engine starts on the first ``generate`` call. Images are passed as base64 data
-URLs in chat messages, like the openai backend, so both send the same conversation. As in the
-hf backend, ``adapter_tasks`` selects the tasks answered with the adapter; the others run on the
-base weights (no LoRARequest).
+vLLM is optional (``pip install 'mllm-tune[vllm]'`` on a GPU machine; ``make test-vllm`` builds a
+CPU engine in ``.venv-vllm``). The engine starts on the first ``generate`` call. Images travel as
+base64 data URLs in chat messages, like the openai backend, so both send the same conversation.
+As in the hf backend, ``adapter_tasks`` selects the tasks answered with the adapter; the others
+run on the base weights (no LoRARequest).
+
+What must match the hf backend and training, and how:
+- **Image budget**: :func:`~.base.resolve_pixel_budget` (explicit > the adapter's saved budget >
+  min = max = 50,176), passed to the engine as ``mm_processor_kwargs``; visual tokens per image are
+  counted on the prompt token ids the engine actually ran.
+- **Decoding**: exactly greedy with every penalty off (:func:`~.base.greedy_decoding_settings`),
+  per-task answer caps (:func:`~.base.max_new_tokens_for`); answers that hit the cap are counted.
+- **Engine settings** (``gpu_memory_utilization``, ``max_model_len``, ``max_num_seqs``,
+  ``tensor_parallel_size``, ``enforce_eager``, ``dtype``, free-form ``engine_kwargs``) are recorded
+  in :meth:`VLLMBackend.engine_settings`. ``max_model_len`` defaults to a bound computed from the
+  image budget and the answer caps, not the model's 32k-256k context (whose KV cache is what ran
+  24 GB cards out of memory).
+- **Adapters** are checked before the engine starts (:mod:`.adapter_check`), and engine failures
+  (start-up, a dead engine core) become one :class:`~.base.BackendError` with the root cause and
+  the fix.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from .base import BackendError, MLLMBackend, MLLMRequest
-from .hf import local_model_folders, local_model_identity
+from .adapter_check import assert_servable, lora_rank_for_engine
+from .base import (
+    BackendError,
+    MLLMBackend,
+    MLLMRequest,
+    greedy_decoding_settings,
+    max_new_tokens_table,
+    resolve_pixel_budget,
+    warn_truncated,
+)
+from .hf import local_model_identity, resolve_model_folders
 from .openai_compat import image_data_url
 
 logger = logging.getLogger(__name__)
 
-_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+# Tokens allowed for the text of one conversation (chat template, system line, the T_aggr prompt
+# with its facts) when max_model_len is derived; a longer prompt fails with a BackendError that
+# names --vllm-max-model-len.
+TEXT_TOKENS = 1024
+# The Qwen-VL resize rounds each side to a multiple of patch x merge keeping the aspect ratio, so a
+# tall crop can land above max_pixels (336x168 -> 56,448 px for a 50,176 cap): leave a margin.
+RESIZE_OVERSHOOT = 1.25
 
 
 def _import_vllm():
@@ -30,9 +62,72 @@ def _import_vllm():
     except ImportError as exc:
         raise BackendError(
             "the vllm backend needs vLLM, which is not installed here: `pip install 'mllm-tune[vllm]'` on a machine "
-            "with a CUDA GPU, or use --mllm hf (transformers) or --mllm openai (a running `vllm serve`)"
+            "with a CUDA GPU (or `make test-vllm`, which builds a CPU engine in .venv-vllm), or use --mllm hf "
+            "(transformers) or --mllm openai (a running `vllm serve`)"
         ) from exc
     return vllm, LoRARequest
+
+
+def _model_config(path: Path) -> dict[str, Any]:
+    return json.loads((path / "config.json").read_text(encoding="utf-8"))
+
+
+def derived_max_model_len(config: dict[str, Any], max_pixels: int, max_new_tokens: int) -> int:
+    """A context long enough for one image at ``max_pixels`` + :data:`TEXT_TOKENS` of text + the
+    longest answer, rounded up to 256 and never above the model's own context."""
+    vision = config.get("vision_config") or {}
+    unit = int(vision.get("patch_size", 14)) * int(vision.get("spatial_merge_size", 2))
+    visual = math.ceil(max_pixels * RESIZE_OVERSHOOT / (unit * unit))
+    want = 256 * math.ceil((visual + TEXT_TOKENS + max_new_tokens) / 256)
+    text = config.get("text_config") or config
+    ctx = text.get("max_position_embeddings") or config.get("max_position_embeddings")
+    return min(want, int(ctx)) if ctx else want
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = {id(exc)}
+    while True:
+        nxt = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+        if nxt is None or id(nxt) in seen:
+            return exc
+        seen.add(id(nxt))
+        exc = nxt
+
+
+def _describe(exc: BaseException) -> str:
+    """The root cause of ``exc`` in one line (vLLM wraps the real error in 'see root cause above')."""
+    root = _root_cause(exc)
+    text = " ".join(str(root).split()) or type(root).__name__
+    if root is not exc:
+        text = f"{text} (raised as {type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+    return f"{type(root).__name__}: {text}"[:900]
+
+
+# substring of the root cause (lower case) -> the fix to print
+_START_FIXES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("unsupported cpu attention", "head size"),
+     "vLLM's CPU attention serves head sizes 32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512 only: use a GPU, "
+     "--mllm hf, or a model with a supported head size"),
+    (("max_model_len", "max_position_embeddings", "maximum model length"),
+     "pass --vllm-max-model-len at most the model's context (max_position_embeddings in config.json), or leave it "
+     "out to use the bound derived from the image budget"),
+    (("memory", "kv cache", "cache blocks"),
+     "give the KV cache less to hold or more room: lower --vllm-max-model-len or --vllm-max-num-seqs, raise "
+     "--vllm-gpu-memory-utilization (and close other GPU users), or on a CPU raise VLLM_CPU_KVCACHE_SPACE (GiB)"),
+    (("tensor_parallel", "tensor parallel", "world_size", "divisible"),
+     "--vllm-tensor-parallel-size must divide the attention heads and not exceed the visible GPUs"),
+    (("gpu_memory_utilization",), "--vllm-gpu-memory-utilization is a fraction in (0, 1]"),
+    (("lora",), "check the adapter (python -m mllm_tune.core.backends.adapter_check ADAPTER) and max_lora_rank"),
+)
+
+
+def _start_fix(cause: str) -> str:
+    low = cause.lower()
+    for keys, fix in _START_FIXES:
+        if any(k in low for k in keys):
+            return fix
+    return ("check the engine settings (--vllm-* flags, --vllm-engine-kwargs); in a multi-process engine the core "
+            "process's own error is in the log above (VLLM_ENABLE_V1_MULTIPROCESSING=0 brings it into this one)")
 
 
 class VLLMBackend(MLLMBackend):
@@ -43,62 +138,140 @@ class VLLMBackend(MLLMBackend):
         model: str | Path,
         adapter: str | Path | None = None,
         adapter_tasks: Sequence[str] | None = None,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | dict[str, int] | None = None,
         max_pixels: int | None = None,
         min_pixels: int | None = None,
         dtype: str = "auto",
-        temperature: float = 0.0,
+        gpu_memory_utilization: float | None = None,
+        max_model_len: int | None = None,
+        max_num_seqs: int | None = None,
+        tensor_parallel_size: int | None = None,
+        enforce_eager: bool | None = None,
         engine_kwargs: dict[str, Any] | None = None,
         **_: Any,
     ) -> None:
         self._vllm, self._LoRARequest = _import_vllm()
-        self.model_path, self.adapter_path = local_model_folders(self.kind, model, adapter)
+        self.model_resolved, self.adapter_resolved = resolve_model_folders(self.kind, model, adapter)
+        self.model_path = self.model_resolved.path
+        self.adapter_path = self.adapter_resolved.path if self.adapter_resolved else None
+        self.adapter_tasks = tuple(adapter_tasks) if adapter_tasks else None
+        self.engine_kwargs = dict(engine_kwargs or {})
         self.adapter_rank = 0
         if self.adapter_path is not None:
-            self.adapter_rank = int(json.loads((self.adapter_path / "adapter_config.json").read_text()).get("r", 8))
-        self.adapter_tasks = tuple(adapter_tasks) if adapter_tasks else None
-        self.max_new_tokens = int(max_new_tokens)
-        self.max_pixels, self.min_pixels = max_pixels, min_pixels
+            # before the engine: vLLM checks adapters only on the first LoRA request, and a refusal
+            # there kills the engine with the reason buried in its log
+            check = assert_servable(self.adapter_path, self.engine_kwargs.get("max_lora_rank"))
+            self.adapter_rank = check.rank
+        self.max_new_tokens = max_new_tokens_table(max_new_tokens)
+        try:
+            self.pixel_budget = resolve_pixel_budget(self.adapter_path, min_pixels, max_pixels)
+        except ValueError as exc:
+            raise BackendError(f"vllm backend: {exc}") from None
+        self.min_pixels, self.max_pixels = self.pixel_budget.min_pixels, self.pixel_budget.max_pixels
         self.dtype = dtype
-        self.temperature = float(temperature)
-        self.engine_kwargs = dict(engine_kwargs or {})
+        self._config = _model_config(self.model_path)
+        self.max_model_len_source = "explicit" if max_model_len is not None else "derived"
+        if max_model_len is None and "max_model_len" not in self.engine_kwargs:
+            max_model_len = derived_max_model_len(self._config, self.max_pixels, max(self.max_new_tokens.values()))
+        self.settings: dict[str, Any] = {
+            k: v for k, v in (("gpu_memory_utilization", gpu_memory_utilization), ("max_model_len", max_model_len),
+                              ("max_num_seqs", max_num_seqs), ("tensor_parallel_size", tensor_parallel_size),
+                              ("enforce_eager", enforce_eager)) if v is not None}
         self._llm = None
+        self._dead: str | None = None  # root cause once the engine core has died
+        self.visual_tokens: list[int] = []
+        self.capped: Counter[str] = Counter()
+        self.answered: Counter[str] = Counter()
+
+    # -- what the answers depend on, and what results.json records -------------------------
+    def decoding(self) -> dict[str, Any]:
+        return {**greedy_decoding_settings(), "max_new_tokens": dict(self.max_new_tokens)}
 
     def identity(self) -> dict[str, Any]:
-        return local_model_identity(self, {"temperature": self.temperature, "max_tokens": self.max_new_tokens})
+        ident = local_model_identity(self, self.decoding())
+        # numerics only: memory and batching settings do not change a greedy answer
+        ident["engine"] = {"tensor_parallel_size": self.settings.get("tensor_parallel_size", 1)}
+        return ident
 
+    def engine_kwargs_used(self) -> dict[str, Any]:
+        """The keyword arguments ``vllm.LLM`` is (or will be) started with."""
+        kw: dict[str, Any] = {"model": str(self.model_path), "dtype": self.dtype, "limit_mm_per_prompt": {"image": 1},
+                              "mm_processor_kwargs": {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels},
+                              # sampling defaults from the checkpoint's generation_config (repetition
+                              # penalty 1.05 on Qwen2-VL) must not leak in: every field is set below
+                              "generation_config": "vllm", **self.settings}
+        if self.adapter_path is not None:
+            kw["enable_lora"] = True
+            kw["max_lora_rank"] = lora_rank_for_engine(self.adapter_rank)
+        kw.update(self.engine_kwargs)
+        return kw
+
+    def engine_settings(self) -> dict[str, Any]:
+        """For results.json: the engine arguments, where max_model_len came from, and the budget."""
+        kw = {k: v for k, v in self.engine_kwargs_used().items() if k != "model"}
+        return {**kw, "max_model_len_source": self.max_model_len_source, "pixel_budget": self.pixel_budget.as_dict()}
+
+    def visual_token_stats(self) -> dict[str, Any]:
+        n = len(self.visual_tokens)
+        return {"images": n, "mean_visual_tokens": round(sum(self.visual_tokens) / n, 2) if n else None,
+                "measured": "image pad tokens in the prompts the engine ran" if n else "not measured (no image encoded)"}
+
+    # -- engine ------------------------------------------------------------------------------
     def _engine(self):
+        if self._dead is not None:
+            raise BackendError(f"vllm backend: the engine for {self.model_path} died earlier ({self._dead}); start a "
+                               "new process (the engine cannot be restarted in this one)")
         if self._llm is None:
-            kw: dict[str, Any] = {"model": str(self.model_path), "dtype": self.dtype, "limit_mm_per_prompt": {"image": 1}}
-            mm = {k: v for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v}
-            if mm:
-                kw["mm_processor_kwargs"] = mm
-            if self.adapter_path is not None:
-                kw["enable_lora"] = True
-                kw["max_lora_rank"] = next((r for r in _LORA_RANKS if r >= self.adapter_rank), self.adapter_rank)
-            kw.update(self.engine_kwargs)
+            kw = self.engine_kwargs_used()
             logger.info("starting vLLM engine: %s", kw)
             try:
                 self._llm = self._vllm.LLM(**kw)
-            except (ValueError, RuntimeError) as exc:
-                raise BackendError(f"vllm backend: the engine did not start for {self.model_path}: {exc}") from exc
+            except Exception as exc:  # noqa: BLE001 - vLLM raises ValueError, RuntimeError, pydantic errors...
+                cause = _describe(exc)
+                raise BackendError(f"vllm backend: the engine did not start for {self.model_path} (settings "
+                                   f"{ {k: v for k, v in kw.items() if k != 'model'} }): {cause}. Fix: "
+                                   f"{_start_fix(cause)}") from exc
         return self._llm
 
     def _uses_adapter(self, task: str) -> bool:
         return self.adapter_path is not None and (self.adapter_tasks is None or task in self.adapter_tasks)
+
+    def _params(self, task: str):
+        g = greedy_decoding_settings()
+        return self._vllm.SamplingParams(
+            temperature=g["temperature"], top_p=g["top_p"], top_k=0, repetition_penalty=g["repetition_penalty"],
+            presence_penalty=g["presence_penalty"], frequency_penalty=g["frequency_penalty"],
+            max_tokens=self.max_new_tokens[task])
+
+    def _chat_error(self, exc: Exception, lora: Any) -> BackendError:
+        cause = _describe(exc)
+        dead = "enginedead" in (type(exc).__name__ + cause).lower().replace(" ", "")
+        if lora is not None and ("lora" in cause.lower() or dead):
+            fix = (f"the adapter {self.adapter_path} could not be applied to {self.model_path}: check it with "
+                   f"`python -m mllm_tune.core.backends.adapter_check {self.adapter_path}`, and that it was trained on "
+                   "this base model (--model)")
+        elif "maximum model length" in cause.lower() or "max_model_len" in cause.lower() or "too long" in cause.lower():
+            fix = (f"a prompt is longer than max_model_len ({self.settings.get('max_model_len')}): pass a larger "
+                   "--vllm-max-model-len")
+        else:
+            fix = "the vLLM engine failed on this batch; see the cause (the full error is chained below)"
+        if dead:
+            self._dead = cause  # every later call would fail the same way
+        return BackendError(f"vllm backend: {cause}. Fix: {fix}")
 
     def generate(self, requests: Sequence[MLLMRequest]) -> list[str]:
         requests = list(requests)
         if not requests:
             return []
         llm = self._engine()
-        params = self._vllm.SamplingParams(temperature=self.temperature, max_tokens=self.max_new_tokens)
+        image_token = self._config.get("image_token_id")
         out: list[str | None] = [None] * len(requests)
+        capped: Counter[str] = Counter()
         for use_adapter in (True, False):
             idx = [i for i, r in enumerate(requests) if self._uses_adapter(r.task) == use_adapter]
             if not idx:
                 continue
-            convs = []
+            convs, params = [], []
             for i in idx:
                 r = requests[i]
                 content: list[dict] = []
@@ -106,14 +279,27 @@ class VLLMBackend(MLLMBackend):
                     content.append({"type": "image_url", "image_url": {"url": image_data_url(r.image)}})
                 content.append({"type": "text", "text": r.prompt})
                 convs.append([{"role": "user", "content": content}])
+                params.append(self._params(r.task))
             lora = self._LoRARequest("thi_adapter", 1, str(self.adapter_path)) if use_adapter else None
             try:
                 results = llm.chat(convs, params, lora_request=lora, use_tqdm=False)
-            except (ValueError, RuntimeError) as exc:
-                if lora is not None:
-                    raise BackendError(f"vllm backend: adapter {self.adapter_path} could not be applied to "
-                                       f"{self.model_path} (does it match the base model?): {exc}") from exc
-                raise
+            except Exception as exc:  # noqa: BLE001 - EngineDeadError, ValueError, RuntimeError...
+                raise self._chat_error(exc, lora) from exc
             for i, res in zip(idx, results):
-                out[i] = res.outputs[0].text.strip()
+                first = res.outputs[0]
+                out[i] = first.text.strip()
+                task = requests[i].task
+                self.answered[task] += 1
+                if getattr(first, "finish_reason", None) == "length":
+                    capped[task] += 1
+                if requests[i].image is not None and image_token is not None and res.prompt_token_ids is not None:
+                    self.visual_tokens.append(sum(1 for t in res.prompt_token_ids if t == image_token))
+        self.capped.update(capped)
+        warn_truncated(self.kind, sum(capped.values()), len(requests), dict(capped))
         return out  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self._llm = None
+
+
+__all__ = ["VLLMBackend", "derived_max_model_len"]

@@ -59,3 +59,65 @@ def test_openai_end_to_end_equals_oracle(synth_root, tmp_path):
         main(common + ["--mllm", "openai", "--base-url", f"http://127.0.0.1:{_free_port()}/v1", "--model", "x",
                        "--out", str(tmp_path / "down")])
     assert not (tmp_path / "down" / "results.json").exists()
+
+
+def test_openai_greedy_fields_caps_and_budget(split, caplog):
+    """What each request asks the server for (issue 11, items 1 and 3), seen by a recording server."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mllm_tune.core.backends import DEFAULT_MAX_NEW_TOKENS
+
+    bodies: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def _send(self, payload: dict) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._send({"data": [{"id": "m"}]})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            bodies.append(body)
+            cut = body["max_tokens"] == DEFAULT_MAX_NEW_TOKENS["vqa"]  # pretend the VQA answer ran out
+            self._send({"choices": [{"message": {"content": "Yes"}, "finish_reason": "length" if cut else "stop"}]})
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        be = make_backend("openai", base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", model="m")
+        reqs = [MLLMRequest("loc", P.render_loc("A man."), split.gallery_paths[0]),
+                MLLMRequest("vqa", P.render_vqa(), split.gallery_paths[1]), MLLMRequest("aggr", "merge")]
+        with caplog.at_level("WARNING"):
+            assert be.generate(reqs) == ["Yes"] * 3
+        be.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    by_prompt = {b["messages"][0]["content"][-1]["text"]: b for b in bodies}
+    for r in reqs:
+        b = by_prompt[r.prompt]
+        assert b["max_tokens"] == DEFAULT_MAX_NEW_TOKENS[r.task]
+        assert b["temperature"] == 0.0 and b["repetition_penalty"] == 1.0 and b["top_k"] == -1
+    assert "1 of 3 answers hit the max_new_tokens cap" in caplog.text and be.capped == {"vqa": 1}
+    stats = be.visual_token_stats()
+    assert stats["images"] == 2 and "not measured" in stats["measured"]
+    from PIL import Image
+
+    from mllm_tune.core.backends.base import expected_visual_tokens
+
+    sizes = [Image.open(split.gallery_paths[i]).size for i in (0, 1)]
+    assert stats["mean_visual_tokens"] == sum(expected_visual_tokens(w, h, 50_176, 50_176) for w, h in sizes) / 2
+    assert be.identity()["pixels"]["min"] == 50_176
+    plain = make_backend("openai", model="m", greedy_extras=False)
+    assert "repetition_penalty" not in plain.sampling_fields() and plain.identity() != be.identity()

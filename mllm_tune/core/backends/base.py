@@ -236,3 +236,15 @@ def resolve_pixel_budget(adapter: str | Path | None, min_pixels: int | None = No
     else:
         source = "default (training: 224x224)"
     return PixelBudget(lo, hi, source)
+
+
+def expected_visual_tokens(width: int, height: int, min_pixels: int, max_pixels: int,
+                           patch_size: int = 14, merge_size: int = 2) -> int:
+    """Visual tokens a Qwen-VL processor makes of a ``width`` x ``height`` image under a budget
+    (transformers' ``smart_resize``: sides rounded to multiples of patch*merge; see the hf backend's
+    docstring for the overshoot of upscaled crops). For backends that cannot count them."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    factor = patch_size * merge_size
+    h, w = smart_resize(int(height), int(width), factor, int(min_pixels), int(max_pixels))
+    return (h // factor) * (w // factor)

@@ -216,6 +216,75 @@ def find_resume_checkpoint(output_dir: str, resume: str | None) -> str | None:
     return str(check_checkpoint(last))
 
 
+# -- chat template -----------------------------------------------------------------------------
+
+# The stock templates TRL ships and recognises byte for byte (Qwen2-VL and Qwen2.5-VL share one).
+STOCK_TEMPLATES = {"stock-qwen2-vl": "qwen2_5_vl.jinja", "stock-qwen2.5-vl": "qwen2_5_vl.jinja",
+                   "stock-qwen3-vl": "qwen3_vl.jinja"}
+_FAMILY_STOCK = {"qwen2_vl": "stock-qwen2-vl", "qwen2_5_vl": "stock-qwen2.5-vl", "qwen3_vl": "stock-qwen3-vl",
+                 "qwen3_vl_moe": "stock-qwen3-vl"}
+
+
+def _stock_template_text(name: str) -> str:
+    import trl
+
+    return (Path(trl.__file__).parent / "chat_templates" / STOCK_TEMPLATES[name]).read_text(encoding="utf-8")
+
+
+def read_chat_template(option: str, source: str = "chat_template") -> str:
+    """The template text named by the `chat_template` recipe option (a stock-* name or a .jinja path)."""
+    if option in STOCK_TEMPLATES:
+        return _stock_template_text(option)
+    path = Path(option).expanduser()
+    if not path.is_file():
+        raise RecipeError(f"{source}: '{option}' is neither a stock template ({', '.join(STOCK_TEMPLATES)}) "
+                          "nor an existing .jinja file")
+    return path.read_text(encoding="utf-8")
+
+
+def _family_of(model_path: str, revision: str, trust_remote_code: bool) -> str | None:
+    from transformers import AutoConfig
+
+    try:  # config.json only: no weights
+        return AutoConfig.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code).model_type
+    except (OSError, ValueError):
+        return None
+
+
+def check_chat_template(processor: Any, cfg: RunConfig) -> None:
+    """Apply the recipe's `chat_template` and make sure TRL can train on the result, before any
+    weight is loaded. TRL's assistant-only loss needs `{% generation %}` markers; it adds them by
+    swapping in its training copy of a template it knows byte for byte, and raises a bare
+    ValueError for anything else (an edited or fine-tuned checkpoint's template, a Thinking variant)."""
+    from trl.chat_template_utils import get_training_chat_template
+
+    source = str(cfg.recipe_path) if cfg.recipe_path else "command line"
+    if cfg.model.chat_template:
+        processor.chat_template = read_chat_template(cfg.model.chat_template, f"{source}: chat_template")
+    if not cfg.training.assistant_only_loss or cfg.training.chat_template_path:
+        return  # no markers needed / TRL sets the template itself (errors caught in build_trainer)
+    try:
+        get_training_chat_template(processor)
+    except ValueError as exc:
+        model = cfg.model.model_name_or_path
+        family = _family_of(model, cfg.model.model_revision, cfg.training.trust_remote_code)
+        stock = _FAMILY_STOCK.get(family or "")
+        why = "it has no {% generation %} markers and is not a stock template TRL knows"
+        if stock:
+            ours, ref = str(processor.chat_template or ""), _stock_template_text(stock)
+            at = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
+            why += f" (it differs from the stock {family} template from character {at} of {len(ref)})"
+        fix = (f"set `chat_template: {stock}` in the recipe (or --chat_template {stock}) to train and save the adapter "
+               "with the family's stock template" if stock else
+               f"set `chat_template` to one of {', '.join(STOCK_TEMPLATES)}")
+        raise RecipeError(
+            f"{source}: model {model}: its chat template cannot be made training-compatible for "
+            f"assistant_only_loss: {why}. A fine-tuned or 'Thinking' checkpoint often ships its own template. Fix: "
+            f"{fix}, or point chat_template at a .jinja file with {{% generation %}} markers, or set "
+            f"assistant_only_loss: false (loss on the whole sequence). TRL said: {exc}"
+        ) from None
+
+
 # -- trainer -----------------------------------------------------------------------------------
 
 
@@ -239,6 +308,7 @@ def build_trainer(cfg: RunConfig, callbacks: Sequence[Any] | None = None):
         cfg.model.model_name_or_path, cfg.model.model_revision, cfg.vision.image_min_pixels,
         cfg.vision.image_max_pixels, trust_remote_code=t.trust_remote_code,
     )
+    check_chat_template(processor, cfg)
     train_ds, eval_ds, info = load_pairs(cfg.data, seed=t.seed)
     if eval_ds is None and t.eval_strategy != "no":
         logger.info("no eval split: evaluation is off")
@@ -265,10 +335,19 @@ def build_trainer(cfg: RunConfig, callbacks: Sequence[Any] | None = None):
                 if modeling.is_vision_module(name):
                     param.requires_grad_(False)
     cls = make_trainer_class()
-    trainer = cls(
-        model=model, args=t, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=processor,
-        peft_config=peft_config, callbacks=list(callbacks or []),
-    )
+    try:
+        trainer = cls(
+            model=model, args=t, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=processor,
+            peft_config=peft_config, callbacks=list(callbacks or []),
+        )
+    except ValueError as exc:
+        if "training-compatible" not in str(exc):
+            raise
+        raise RecipeError(  # e.g. a chat_template_path TRL cannot patch
+            f"model {cfg.model.model_name_or_path}: TRL refuses the chat template for assistant_only_loss ({exc}). "
+            f"Fix: set `chat_template` to one of {', '.join(STOCK_TEMPLATES)} or to a .jinja file with "
+            "{% generation %} markers, or set assistant_only_loss: false"
+        ) from None
     trainer.yesno_enabled = cfg.data.yesno_eval
     return trainer, info
 

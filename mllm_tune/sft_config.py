@@ -39,6 +39,13 @@ class ModelArguments:
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in 4 bit (GPU + bitsandbytes)."})
     bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit type for QLoRA: nf4 or fp4."})
     use_bnb_nested_quant: bool = field(default=False, metadata={"help": "QLoRA double quantisation."})
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Replace the processor's chat template before training: stock-qwen2-vl, stock-qwen2.5-vl, "
+                  "stock-qwen3-vl (the family's stock template as shipped in TRL, which TRL can make "
+                  "training-compatible) or the path of a .jinja file. For checkpoints whose own template TRL "
+                  "refuses (fine-tuned, 'Thinking' variants, edited templates). Saved with the adapter's processor."},
+    )
 
 
 @dataclass

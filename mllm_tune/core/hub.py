@@ -12,6 +12,7 @@ Every failure is one :class:`ModelResolveError` whose message names the argument
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,10 @@ def parse_hub_id(spec: str) -> tuple[str, str | None]:
 
 
 def _offline() -> bool:
+    # read at call time too: huggingface_hub reads HF_HUB_OFFLINE once, at import
+    env = os.environ.get("HF_HUB_OFFLINE")
+    if env is not None and env.strip():
+        return env.strip().upper() in {"1", "ON", "YES", "TRUE"}
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
@@ -99,7 +104,9 @@ def resolve_model(spec: str | Path, *, allow_patterns: Sequence[str] | None = No
 
     offline = _offline()
     try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=list(allow_patterns) if allow_patterns else None)
+        # HF_ENDPOINT is passed explicitly: huggingface_hub reads it only at import time
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=list(allow_patterns) if allow_patterns else None,
+                                 endpoint=os.environ.get("HF_ENDPOINT") or None, local_files_only=offline)
     except GatedRepoError:
         raise ModelResolveError(f"{what} '{repo_id}' is gated on the hub: accept its licence on the hub page and log in "
                                 "(`hf auth login` or HF_TOKEN)") from None

@@ -2,6 +2,7 @@
 
     from mllm_tune.core.retrievers import load_retriever, encode_gallery, topk_chunked
     r = load_retriever("path/to/clip-folder")            # Hugging Face CLIP (or a saved retriever)
+    r = load_retriever("openai/clip-vit-base-patch16")   # a CLIP hub id (org/name[@rev]), via the HF cache
     r = load_retriever("irra:logs/best.pth?tokenizer=path/to/openai-clip-tokenizer")
     r = load_retriever("rde:logs/best.pth?tokenizer=...&image_size=384x128")
     r = load_retriever("mypkg.mymodel:build?ckpt=PATH")        # a plugin (see plugin.py)
@@ -22,6 +23,7 @@ from typing import Any
 
 from .base import Retriever, RetrieverLoadError, l2_normalize
 from .cache import FeatureCache, encode_gallery
+from ..hub import ModelResolveError, looks_like_path, resolve_model
 from .clip import RETRIEVER_FILE, CLIPRetriever
 from .plugin import is_plugin_spec, load_plugin
 from .similarity import similarity, topk_chunked
@@ -66,11 +68,18 @@ def load_retriever(spec: str, device=None, **overrides: Any) -> Retriever:
     kind, path_s, opts = parse_spec(spec)
     opts.update({k: v for k, v in overrides.items() if v is not None})
     path = Path(path_s).expanduser()
+    if not path.exists() and kind in ("auto", "clip") and not looks_like_path(path_s):
+        # a hub id (org/name[@rev]) of a CLIP repository, fetched through the HF cache
+        try:
+            path = resolve_model(path_s, what="CLIP retriever",
+                                 allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]).path
+        except ModelResolveError as exc:
+            raise RetrieverLoadError(f"retriever '{spec}': {exc}") from None
     if not path.exists():
         raise RetrieverLoadError(
-            f"retriever '{spec}': {path} does not exist. Pass a local Hugging Face CLIP folder (downloads are not "
-            "made here: fetch the model first, e.g. `huggingface-cli download openai/clip-vit-base-patch16 "
-            "--local-dir DIR`), or 'irra:PATH' / 'rde:PATH' to a released best.pth")
+            f"retriever '{spec}': {path} does not exist. Pass a local Hugging Face CLIP folder, a hub id of a "
+            "CLIP repository (org/name[@revision], e.g. openai/clip-vit-base-patch16), or 'irra:PATH' / "
+            "'rde:PATH' to a released best.pth")
     if kind in ("irra", "rde"):
         if path.is_dir():
             cand = path / "best.pth"

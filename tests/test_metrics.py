@@ -134,3 +134,53 @@ def test_bad_inputs():
         rank_metrics(sim, [0, 1], [0, 1, 2], chunk_size=0)
     with pytest.raises(ValueError, match="empty"):
         rank_metrics(np.zeros((0, 3)), [], [0, 1, 2])
+
+
+def _stable_ranks(sim: torch.Tensor, qp: torch.Tensor, gp: torch.Tensor) -> list[list[int]]:
+    """0-based ranks of each row's positives under a stable descending sort (the tie rule)."""
+    order = torch.sort(sim, dim=1, descending=True, stable=True).indices
+    return [(gp[order[i]] == qp[i]).nonzero().flatten().tolist() for i in range(sim.shape[0])]
+
+
+def _assert_ranks_equal(sim, qp, gp, chunk_size=None):
+    sim, qp, gp = torch.as_tensor(sim), torch.as_tensor(qp), torch.as_tensor(gp)
+    ranks, valid = positive_ranks(sim, qp, gp, chunk_size=chunk_size)
+    got = [ranks[i][valid[i]].tolist() for i in range(sim.shape[0])]
+    assert got == _stable_ranks(sim, qp, gp)
+
+
+@pytest.mark.parametrize("case", ["wide", "narrow", "one_positive", "huge", "denormal", "constant", "clustered"])
+def test_binned_counting_is_exact_on_awkward_scores(case):
+    """The value bins only set speed: ranks equal a stable sort's for scores the bins resolve badly."""
+    gen = torch.Generator().manual_seed(7)
+    q, g, ids = 23, 1001, 9  # G not a multiple of 8: the word-wise hit search pads
+    gp = torch.randint(0, ids, (g,), generator=gen)
+    gp[:ids] = torch.arange(ids)
+    qp = torch.randint(0, ids, (q,), generator=gen)
+    sim = torch.randn(q, g, generator=gen)
+    if case == "wide":  # positives spread over the whole row, plus outliers
+        sim[:, :5] = torch.tensor([1e6, -1e6, 3e5, -7e4, 1e-3])
+    elif case == "narrow":  # positives within a few ulps of each other, negatives in between
+        sim = 0.5 + torch.randint(-3, 4, (q, g), generator=gen).float() * 6e-8
+    elif case == "one_positive":
+        gp = torch.arange(g) % 500  # ids 0..499 twice, 500.. once
+        gp[-1] = 999
+        qp = torch.full((q,), 999)
+    elif case == "huge":
+        sim = sim * 1e37
+    elif case == "denormal":
+        sim = sim * 1e-40
+    elif case == "constant":
+        sim = torch.full((q, g), 0.25)
+    elif case == "clustered":  # many scores share the positives' exact values
+        sim = torch.randint(0, 40, (q, g), generator=gen).float() / 40
+    for chunk in (None, 5):
+        _assert_ranks_equal(sim, qp, gp, chunk)
+    ref = plain_reference(sim.numpy(), qp.numpy(), gp.numpy())
+    assert_close(rank_metrics(sim, qp, gp), ref)
+
+
+def test_large_chunk_request_is_capped_and_exact():
+    sim, qp, gp = random_case(300, 16, 4, seed=5)
+    ref = plain_reference(sim, qp, gp)
+    assert_close(rank_metrics(sim, qp, gp, chunk_size=10**6), ref)

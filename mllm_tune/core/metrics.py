@@ -5,11 +5,15 @@ similarity; Rank-k is 1 when a match is among the first k; AP is the non-interpo
 precision@(j+1) over the ranks j holding a match; INP = (#matches) / (1-based rank of the last
 match). Each is averaged over queries and multiplied by 100.
 
-How it is computed: no full sort. All a query's metrics depend only on the 0-based ranks of its
-positives, and the rank of a positive with score p is ``#{negatives scoring above p}`` plus the
-number of positives before it. Counting negatives above each positive needs the positives'
-scores sorted (a handful per query) and one ``searchsorted`` of the row into them, i.e.
-O(G log P) per query instead of O(G log G), and the work is chunked over queries so only a
+How it is computed: no sort of the gallery. All a query's metrics depend only on the 0-based
+ranks of its positives, and the rank of a positive with score p is ``#{negatives scoring above
+p}`` plus the number of positives before it. To count scores above each positive, every score of
+the row goes through one monotone map to an integer bin (``_BINS`` bins spread over the
+positives' range, everything outside it in two end bins) and the bins are histogrammed; a
+monotone map never reorders scores across bins, so a score in a higher bin than p is above p and
+one in a lower bin is below it. Only the few scores that share a bin with a positive are
+compared exactly. That is a handful of elementwise passes over the row (O(G) per query, no
+binary search, no G log G sort), exact whatever the map, and chunked over queries so only a
 ``chunk x G`` block is ever held (the Q x G index/match matrices of the public code never exist).
 
 Tie rule (deterministic): gallery items with equal scores are ordered by ascending gallery
@@ -31,8 +35,12 @@ logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
 
-# Elements of one chunk x G block; 2**22 int64 = 32 MiB per temporary (more saves no time).
+# Elements of one chunk x G block; 2**22 scores = 16 MiB per temporary (more saves no time).
 _DEFAULT_BLOCK = 1 << 22
+# Value bins per row: enough that a positive's bin holds only a few other scores.
+_BINS = 4096
+# Rows of one block: their bin ids (row * (_BINS + 1) + bin) must be exact integers in float32.
+_MAX_ROWS = (1 << 24) // (_BINS + 1) - 1
 
 
 def _as_tensor(x: Any, name: str) -> torch.Tensor:
@@ -117,6 +125,65 @@ def _ranks_by_stable_sort(rows: torch.Tensor, qp: torch.Tensor, g: torch.Tensor,
     return ranks, valid
 
 
+class _Workspace:
+    """Buffers of one chunk x G block, reused across chunks (fresh large tensors cost page faults)."""
+
+    def __init__(self, rows: int, num_g: int, device: torch.device):
+        n = rows * num_g
+        self.u = torch.empty(n, dtype=torch.float32, device=device)
+        self.bins = torch.empty(n, dtype=torch.int32, device=device)
+        self.mask = torch.zeros(-(-n // 8) * 8, dtype=torch.bool, device=device)  # whole int64 words
+        self.lane = torch.arange(8, device=device)
+
+
+def _nonzero_sparse(mask: torch.Tensor, n: int, lane: torch.Tensor) -> torch.Tensor:
+    """Positions of the True entries among the first ``n`` of a sparse word-padded mask: look at
+    it 8 bytes at a time first (8x fewer elements for ``nonzero``), then inside the hit words."""
+    mask[n:] = False
+    words = mask.view(torch.int64).nonzero().squeeze(1)
+    cand = (words.unsqueeze(1) * 8 + lane).view(-1)
+    return cand[mask[cand]]
+
+
+def _count_above(rows: torch.Tensor, pos_asc: torch.Tensor, pos_gidx: torch.Tensor, valid: torch.Tensor,
+                 npos: torch.Tensor, ws: _Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row: #scores strictly above each ascending positive [c, pm], and whether a
+    negative ties a positive [c]. ``pos_asc`` / ``pos_gidx``: the positives' scores (ascending,
+    padded with +inf) and gallery columns; ``valid`` marks the real ones (at least one a row)."""
+    c, num_g = rows.shape
+    n = c * num_g
+    dev = rows.device
+    nb = _BINS + 1  # bins 0 .. _BINS of one row
+    # the map: positives' range -> bins 1 .. _BINS-1; any width works, it only sets how many
+    # scores share a positive's bin (a row with one distinct positive gets a narrow window)
+    lo = pos_asc[:, :1]
+    span = pos_asc.masked_fill(~valid, float("-inf")).amax(1, keepdim=True) - lo
+    span = torch.where(span > 0, span, lo.abs().clamp_min(1e-6))
+    scale = ((_BINS - 2) / span).clamp(max=1e30)  # finite, so no 0 * inf below
+    first = torch.arange(c, device=dev, dtype=torch.float32).unsqueeze(1) * nb  # row r owns bins r*nb .. r*nb+_BINS
+    # subtract, multiply, clamp, add, truncate: each step is monotone, so is the map
+    u = torch.sub(rows, lo, out=ws.u[:n].view(c, num_g))
+    u.mul_(scale).clamp_(-1.0, float(_BINS - 1)).add_(first + 1)  # integers below 2**24: exact
+    bins = ws.bins[:n]
+    bins.copy_(u.view(-1))
+    counts = torch.bincount(bins, minlength=c * nb).view(c, nb)
+    in_higher_bins = counts.sum(1, keepdim=True) - counts.cumsum(1)  # [r, k] = #scores in bins above k
+    pos_bin = bins.view(c, num_g).gather(1, pos_gidx).long().masked_fill(~valid, -1)
+    above = in_higher_bins.view(-1)[pos_bin.clamp(min=0)]
+    # the exact part: scores in a positive's bin, compared with the positives of their row
+    shared = torch.zeros(c * nb, dtype=torch.bool, device=dev)
+    shared[pos_bin[valid]] = True
+    torch.index_select(shared, 0, bins, out=ws.mask[:n])
+    hit = _nonzero_sparse(ws.mask, n, ws.lane)  # flat (row-major) positions
+    row = hit // num_g
+    val = rows.reshape(-1)[hit].unsqueeze(1)
+    same = pos_bin[row] == bins[hit].long().unsqueeze(1)  # hits x pm; padding (-1) never matches
+    above.index_add_(0, row, (same & (val > pos_asc[row])).long())
+    # each positive equals itself, so more equal scores than positives means a tied negative
+    equal = torch.zeros(c, dtype=torch.long, device=dev).index_add_(0, row, (same & (val == pos_asc[row])).any(1).long())
+    return above.masked_fill(~valid, 0), equal > npos
+
+
 def positive_ranks(
     similarity: Any,
     query_pids: Any,
@@ -151,10 +218,12 @@ def _positive_ranks(sim: torch.Tensor, q: torch.Tensor, g: torch.Tensor, chunk_s
         chunk_size = max(1, _DEFAULT_BLOCK // max(num_g, 1))
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size = min(chunk_size, _MAX_ROWS, num_q)
+    ws = _Workspace(chunk_size, num_g, dev)
     tie_rows = 0
     for lo in range(0, num_q, chunk_size):
         hi = min(lo + chunk_size, num_q)
-        rows = sim[lo:hi].contiguous()  # a copy only for transposed input; searchsorted needs it
+        rows = sim[lo:hi].contiguous()  # a copy only for transposed input
         # a row sum is finite unless the row holds NaN/inf (or overflows: then check elementwise)
         if not bool(torch.isfinite(rows.sum(1)).all()) and not bool(torch.isfinite(rows).all()):
             bad = int((~torch.isfinite(rows)).any(1).nonzero()[0]) + lo
@@ -166,21 +235,11 @@ def _positive_ranks(sim: torch.Tensor, q: torch.Tensor, g: torch.Tensor, chunk_s
         valid = col < npos.unsqueeze(1)
         gidx = g_order[(starts[slot[lo:hi]].unsqueeze(1) + col).clamp(max=num_g - 1)]
         pos_scores = rows.gather(1, gidx).masked_fill(~valid, float("inf"))
-        pos_asc = pos_scores.sort(dim=1).values  # padding (+inf) stays at the end
-        # less[v] = #positives strictly below v; every gallery item v with less[v] >= k scores above
-        # the k-th smallest positive.
-        less = torch.searchsorted(pos_asc, rows)
-        hist = torch.zeros((c, pm + 1), dtype=torch.long, device=dev)
-        hist.scatter_add_(1, less, torch.ones((), dtype=torch.long, device=dev).expand_as(less))
-        # v equals some positive iff the first positive not below it equals v; each positive
-        # matches itself, so any extra match is a negative tied with a positive.
-        first_geq = pos_asc.gather(1, less.clamp_(max=pm - 1))  # less is not needed after this
-        tied = (first_geq == rows).sum(1) > npos
-        del less, first_geq
+        pos_asc, order = pos_scores.sort(dim=1)  # padding (+inf) stays at the end
+        above_all, tied = _count_above(rows, pos_asc, gidx.gather(1, order), valid, npos, ws)
         pleq = torch.searchsorted(pos_asc, pos_asc, right=True)
-        above_all = hist.flip(1).cumsum(1).flip(1)[:, 1:]  # [:, k-1] = #gallery above k-th smallest
         above_pos = npos.unsqueeze(1) - pleq  # #positives strictly above each positive
-        neg_above = (above_all - above_pos).masked_fill(~valid, 0)
+        neg_above = (above_all - above_pos).masked_fill(~valid, 0)  # [:, k] for the k-th smallest positive
         # descending j-th positive (j = 1..P) is the ascending (P - j + 1)-th; its rank is the
         # negatives above it plus the j-1 positives before it (ties among positives are harmless).
         asc_pos = (npos.unsqueeze(1) - 1 - col).clamp(min=0)
@@ -198,6 +257,32 @@ def _positive_ranks(sim: torch.Tensor, q: torch.Tensor, g: torch.Tensor, chunk_s
     return ranks_out, valid_out
 
 
+def per_query_metrics(
+    similarity: Any,
+    query_pids: Any,
+    gallery_pids: Any,
+    chunk_size: int | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, torch.Tensor]:
+    """Each query's ``R{k}`` (0/1), ``AP`` and ``INP`` (float64, not x100), one entry per row.
+
+    A row's values depend on that row alone, so the metrics of a matrix that differs from a known
+    one in a few rows (THI's re-ranking) are the known per-query values with those rows replaced:
+    see :func:`mean_metrics`.
+    """
+    sim, q, g = _check_inputs(similarity, query_pids, gallery_pids)
+    ranks, valid = _positive_ranks(sim, q, g, chunk_size)
+    return _metrics_from_ranks(ranks, valid, ks)
+
+
+def mean_metrics(per_query: dict[str, torch.Tensor], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """The averages (x100) that :func:`rank_metrics` reports, from :func:`per_query_metrics` values."""
+    out = {f"R{k}": float(per_query[f"R{k}"].mean() * 100) for k in ks}
+    out["mAP"] = float(per_query["AP"].mean() * 100)
+    out["mINP"] = float(per_query["INP"].mean() * 100)
+    return out
+
+
 def rank_metrics(
     similarity: Any,
     query_pids: Any,
@@ -208,17 +293,12 @@ def rank_metrics(
     """R@k, mAP and mINP (x100) of a queries x gallery similarity matrix (SPEC §3).
 
     Accepts torch tensors (any device), numpy arrays or lists. ``chunk_size`` is the number of
-    query rows processed at once (default: about 16M scores per block). Raises ``ValueError`` on
-    a shape mismatch, non-finite scores, or a query whose identity has no image in the gallery.
-    Ties: equal scores are ordered by ascending gallery index (a stable descending sort).
+    query rows processed at once (default: about 4M scores per block, at most 4,094 rows). Raises
+    ``ValueError`` on a shape mismatch, non-finite scores, or a query whose identity has no image
+    in the gallery. Ties: equal scores are ordered by ascending gallery index (a stable
+    descending sort).
     """
-    sim, q, g = _check_inputs(similarity, query_pids, gallery_pids)
-    ranks, valid = _positive_ranks(sim, q, g, chunk_size)
-    per_q = _metrics_from_ranks(ranks, valid, ks)
-    out = {f"R{k}": float(per_q[f"R{k}"].mean() * 100) for k in ks}
-    out["mAP"] = float(per_q["AP"].mean() * 100)
-    out["mINP"] = float(per_q["INP"].mean() * 100)
-    return out
+    return mean_metrics(per_query_metrics(similarity, query_pids, gallery_pids, chunk_size, ks), ks)
 
 
 def rank_metrics_fullsort(

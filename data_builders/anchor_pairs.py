@@ -214,7 +214,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from mllm_tune.core.cli_exit import check_dataset_root
+
     a = parse_args(argv)
+    check_dataset_root(a.dataset_root)
     opts = MiningOptions(
         top_k=a.top_k, negatives_per_caption=a.negatives_per_caption, positives_per_caption=a.positives_per_caption,
         yes_no_ratio=a.yes_no_ratio, clean_top_r=a.clean_top_r, max_pairs=a.max_pairs,
@@ -224,10 +227,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                a.batch_size, a.export, not a.no_progress)
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``python -m data_builders.anchor_pairs``: bad input -> one ``error: ...`` line, exit status 2."""
+    from mllm_tune.core.cli_exit import run_cli
+    from mllm_tune.core.retrievers import RetrieverLoadError
+
+    # ValueError too: the mining options and the dataset name are checked with it
+    return run_cli(main, argv, extra=(RetrieverLoadError, ValueError))
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as exc:  # PedesFormatError, RetrieverLoadError are ValueErrors
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli())

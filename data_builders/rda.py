@@ -3,6 +3,11 @@
     python -m data_builders.rda --dataset-root DIR --dataset cuhk-pedes --mllm hf --model QWEN_DIR \\
         --out rda/ [--m 3] [--cache-dir rda/answer_cache]
 
+``--model`` is a local folder or a hub id ``org/name[@revision]``. Images are resized to the
+training budget (min = max = 50,176 pixels unless ``--min-pixels/--max-pixels`` or the adapter's
+saved processor say otherwise); answer caps are per task (``--max-new-tokens loc=..,vqa=..``).
+The budget and the mean visual tokens per image go into ``rda_stats.json``.
+
 Per caption: (1) enrich: T_vqa on its image (asked once per image: the question does not depend
 on the caption), the numbered answer split into short sentences, then T_aggr merges caption +
 sentences; (2) T_dec splits the enriched text into attribute sub-sentences; (3) T_rwt rewrites
@@ -199,6 +204,9 @@ def run(
         lines, counts = build_groups(caps, cached, m, prompts, batch_size, progress)
         calls = cached.stats()
         identity = cached.identity()
+        inner = cached.backend if cached.backend is not None else backend
+        budget = getattr(inner, "pixel_budget", None)
+        visual = visual_token_report(inner)
     finally:
         if cached is not backend:
             cached.close()
@@ -212,6 +220,8 @@ def run(
         **counts,
         "limit": limit,
         "backend": identity,
+        "pixel_budget": budget.as_dict() if budget is not None else "not applicable",
+        "visual_tokens": visual,
         "simulated": bool(identity.get("simulated", False)),
         "cache_dir": str(cache_dir) if cached is not backend else str(getattr(backend, "cache_dir", "")),
         **calls,
@@ -227,21 +237,45 @@ def run(
     return stats
 
 
+def visual_token_report(backend: Any) -> dict[str, Any]:
+    """Mean visual tokens per image the backend encoded in this run (see the backends)."""
+    stats = getattr(backend, "visual_token_stats", None)
+    if stats is None:
+        return {"images": 0, "mean_visual_tokens": None,
+                "measured": f"not measured by the {getattr(backend, 'kind', '?')} backend"}
+    out = dict(stats())
+    if not out.get("images"):
+        out["measured"] = "not measured: no image was sent to the backend in this run (all answers from the cache?)"
+    return out
+
+
 def build_backend(a: argparse.Namespace, prompts) -> Any:
     from mllm_tune.core.backends import make_backend
+    from mllm_tune.core.cli_exit import CLIError
 
     if a.mllm == "oracle":
         return make_backend("oracle", dataset_root=a.dataset_root, error_rate=a.oracle_error_rate, prompts=prompts)
     if not a.model:
-        raise ValueError(f"--mllm {a.mllm} needs --model (a local model folder, or the served model name for openai)")
+        raise CLIError(f"--mllm {a.mllm} needs --model (a local model folder or hub id org/name, or the served model "
+                       "name for openai)")
+    common = dict(max_new_tokens=a.max_new_tokens, min_pixels=a.min_pixels, max_pixels=a.max_pixels)
     if a.mllm in ("hf", "vllm"):
-        return make_backend(a.mllm, model=a.model, adapter=a.adapter, max_new_tokens=a.max_new_tokens,
-                            max_pixels=a.max_pixels, dtype=a.dtype, batch_size=a.mllm_batch_size)
+        return make_backend(a.mllm, model=a.model, adapter=a.adapter, dtype=a.dtype, batch_size=a.mllm_batch_size,
+                            **common)
+    # openai: min/max pixels state the server's budget (--mm-processor-kwargs when it was started)
     return make_backend("openai", base_url=a.base_url, model=a.model, api_key=os.environ.get(a.api_key_env),
-                        concurrency=a.concurrency, max_new_tokens=a.max_new_tokens)
+                        concurrency=a.concurrency, adapter=a.adapter if a.adapter and Path(a.adapter).is_dir() else None,
+                        **common)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from mllm_tune.core.backends import (
+        DEFAULT_MAX_NEW_TOKENS,
+        DEFAULT_MAX_PIXELS,
+        DEFAULT_MIN_PIXELS,
+        parse_max_new_tokens,
+    )
+
     ap = argparse.ArgumentParser(prog="python -m data_builders.rda",
                                  description="Build RDA caption groups (enrich, decompose, paraphrase) with an MLLM.")
     ap.add_argument("--dataset-root", required=True)
@@ -255,10 +289,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompts", default=None, help="YAML/JSON file overriding prompt templates")
     b = ap.add_argument_group("MLLM backend")
     b.add_argument("--mllm", choices=["hf", "vllm", "openai", "oracle"], default="hf")
-    b.add_argument("--model", default=None, help="hf/vllm: local model folder; openai: served model name")
-    b.add_argument("--adapter", default=None, help="LoRA adapter folder (hf/vllm)")
-    b.add_argument("--max-new-tokens", type=int, default=256)
-    b.add_argument("--max-pixels", type=int, default=None)
+    b.add_argument("--model", default=None,
+                   help="hf/vllm: local model folder or hub id org/name[@revision]; openai: served model name")
+    b.add_argument("--adapter", default=None, help="LoRA adapter folder or hub id (hf/vllm); its saved processor "
+                   "gives the image budget")
+    b.add_argument("--max-new-tokens", type=parse_max_new_tokens, default=None,
+                   help="answer cap: N for every task or per task, e.g. vqa=2048,dec=512 (default "
+                        + ",".join(f"{k}={v}" for k, v in DEFAULT_MAX_NEW_TOKENS.items()) + ")")
+    b.add_argument("--min-pixels", type=int, default=None,
+                   help=f"image budget, smallest area (default: the adapter's, else {DEFAULT_MIN_PIXELS}, training's "
+                        "224x224); openai: the budget the server was started with")
+    b.add_argument("--max-pixels", type=int, default=None,
+                   help=f"image budget, largest area (default: the adapter's, else {DEFAULT_MAX_PIXELS})")
     b.add_argument("--dtype", default="auto")
     b.add_argument("--mllm-batch-size", type=int, default=8, help="prompts per forward pass (hf)")
     b.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="openai-compatible server")
@@ -273,17 +315,30 @@ def main(argv: Sequence[str] | None = None, backend_factory: Callable | None = N
     """CLI entry; ``backend_factory(args, prompts)`` replaces the backend construction (tests)."""
     from mllm_tune.core.prompts import load_prompts
 
+    from mllm_tune.core.cli_exit import check_dataset_root
+
     a = parse_args(argv)
+    from mllm_tune.core.pedes import load_pedes
+
+    check_dataset_root(a.dataset_root)  # before any model argument is resolved or loaded
+    # the annotation file is checked before the backend is built (the oracle reads it too, with
+    # less helpful errors); run() parses it again, under a second even for CUHK-PEDES
+    load_pedes(a.dataset_root, a.dataset).split(a.split)
     prompts = load_prompts(a.prompts)
     backend = (backend_factory or build_backend)(a, prompts)
     return run(a.dataset_root, a.dataset, a.out, backend, a.split, a.m, a.cache_dir, a.prompts, a.batch_size,
                a.limit, not a.no_progress)
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``python -m data_builders.rda``: bad input -> one ``error: ...`` line and exit status 2."""
+    from mllm_tune.core.backends import BackendError
+    from mllm_tune.core.cli_exit import run_cli
+
+    # ValueError too: the checks in this module (--m, --limit, --batch-size, dataset name) raise it
+    return run_cli(main, argv, extra=(BackendError, ValueError))
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        main()
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # BackendError is a RuntimeError
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli())

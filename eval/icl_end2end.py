@@ -30,7 +30,18 @@ from typing import Any, Sequence
 import torch
 
 from eval.thi import GATES, THIConfig, THIResult, run_thi
-from mllm_tune.core.backends import BACKEND_KINDS, BackendError, CachedBackend, MLLMBackend, make_backend
+from mllm_tune.core.backends import (
+    BACKEND_KINDS,
+    BackendError,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    CachedBackend,
+    MLLMBackend,
+    make_backend,
+    parse_max_new_tokens,
+)
+from mllm_tune.core.cli_exit import CLIError, check_dataset_root, one_line, user_errors
 from mllm_tune.core.prompts import load_prompts
 
 logger = logging.getLogger("eval.icl_end2end")
@@ -72,12 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"CLIP folder, irra:PATH, rde:PATH, module:factory?k=v, or '{SYNTH_BOW}' (SynthPEDES stand-in, a simulation)")
     m.add_argument("--feature-cache", default=None, help="retriever feature cache folder (default OUT/features)")
     m.add_argument("--mllm", choices=BACKEND_KINDS, required=True)
-    m.add_argument("--model", default=None, help="hf/vllm: model folder; openai: served model name")
-    m.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder (hf, vllm)")
+    m.add_argument("--model", default=None,
+                   help="hf/vllm: model folder or hub id org/name[@revision] (via the HF cache); openai: served model name")
+    m.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder or hub id (hf, vllm); its saved "
+                   "processor gives the image budget")
     m.add_argument("--adapter-only-loc", action="store_true",
                    help="use the adapter for T_loc only and the base weights for T_vqa/T_aggr (hf, vllm)")
-    m.add_argument("--max-new-tokens", type=int, default=256)
-    m.add_argument("--max-pixels", type=int, default=None, help="image pixel budget (hf, vllm)")
+    m.add_argument("--max-new-tokens", type=parse_max_new_tokens, default=None,
+                   help="answer cap: N for every task, or per task like loc=64,vqa=2048 (default "
+                        + ",".join(f"{k}={v}" for k, v in DEFAULT_MAX_NEW_TOKENS.items()) + ")")
+    m.add_argument("--min-pixels", type=int, default=None,
+                   help=f"image budget, smallest area (default: the adapter's saved budget, else {DEFAULT_MIN_PIXELS} "
+                        "= training's 224x224); openai: the budget the server was started with "
+                        "(--mm-processor-kwargs)")
+    m.add_argument("--max-pixels", type=int, default=None,
+                   help=f"image budget, largest area (default: the adapter's, else {DEFAULT_MAX_PIXELS})")
     m.add_argument("--dtype", default="auto", help="hf/vllm weights dtype (auto, float32, bfloat16)")
     m.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="openai: server URL")
     m.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: environment variable holding the key")
@@ -109,35 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- wiring ------------------------------------------------------------------------------------
 
-class _Retrieval:
-    """Base similarity, gallery features and the text encoder, whichever retriever is used."""
-
-    def __init__(self, spec: str, root: Path, gallery_paths: list[str], query_texts: list[str], cache_dir: Path):
-        from mllm_tune.core.retrievers import RetrieverLoadError, encode_gallery, load_retriever
-
-        t0 = time.perf_counter()
-        try:
-            ret = load_retriever(spec)
-        except RetrieverLoadError as exc:
-            raise SystemExit(f"error: {exc}") from exc
-        self.identity = str(ret.identity)
-        # a simulation's features come from ground truth: never cached, always labelled
-        self.simulated = bool(getattr(ret, "simulated", False))
-        try:
-            self.gallery = (ret.encode_images(gallery_paths) if self.simulated
-                            else encode_gallery(ret, gallery_paths, cache_dir))
-        except ValueError as exc:
-            if self.simulated:
-                raise SystemExit(f"error: {exc}") from exc
-            raise
-        self.encode_text = lambda texts: ret.encode_texts(texts, progress=False)
-        with torch.no_grad():
-            self.queries = ret.encode_texts(list(query_texts)).float()
-        self.gallery = self.gallery.float()
-        self.base = self.queries @ self.gallery.T
-        self.seconds = time.perf_counter() - t0
-
-
 def build_backend(args: argparse.Namespace, prompts) -> MLLMBackend:
     kw: dict[str, Any] = {}
     if args.mllm == "oracle":
@@ -145,15 +136,18 @@ def build_backend(args: argparse.Namespace, prompts) -> MLLMBackend:
                   prompts=prompts, latency=args.oracle_latency)
     elif args.mllm in ("hf", "vllm"):
         if not args.model:
-            raise SystemExit(f"--mllm {args.mllm} needs --model (a local model folder)")
+            raise CLIError(f"--mllm {args.mllm} needs --model (a local model folder or a hub id org/name)")
         kw = dict(model=args.model, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
-                  max_pixels=args.max_pixels, dtype=args.dtype, batch_size=args.batch_size,
-                  adapter_tasks=("loc",) if args.adapter_only_loc else None)
+                  min_pixels=args.min_pixels, max_pixels=args.max_pixels, dtype=args.dtype,
+                  batch_size=args.batch_size, adapter_tasks=("loc",) if args.adapter_only_loc else None)
     elif args.mllm == "openai":
         if not args.model:
-            raise SystemExit("--mllm openai needs --model (the served model name)")
+            raise CLIError("--mllm openai needs --model (the served model name)")
+        # min/max pixels state the server's budget (see the openai backend); the adapter folder, when
+        # given, supplies the budget it was trained with
         kw = dict(base_url=args.base_url, model=args.model, api_key=os.environ.get(args.api_key_env),
-                  concurrency=args.concurrency, max_new_tokens=args.max_new_tokens)
+                  concurrency=args.concurrency, max_new_tokens=args.max_new_tokens, min_pixels=args.min_pixels,
+                  max_pixels=args.max_pixels, adapter=args.adapter if args.adapter and Path(args.adapter).is_dir() else None)
     return make_backend(args.mllm, **kw)
 
 
@@ -229,10 +223,17 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
             (out / stale).unlink(missing_ok=True)
         _write_json(out / "run_state.json", {"status": "running", "argv": sys.argv, "started": time.time()})
 
-    fmt = dataset_format(args.dataset)
+    try:
+        fmt = dataset_format(args.dataset)
+    except ValueError as exc:
+        raise CLIError(f"--dataset: {exc}") from None
     xi = args.xi if args.xi is not None else (0.55 if fmt.name == "icfg-pedes" else 0.50)
     prompts = load_prompts(args.prompts)
-    ds = load_pedes(args.dataset_root, args.dataset)
+    check_dataset_root(args.dataset_root)
+    ds = load_pedes(args.dataset_root, args.dataset)  # a malformed annotation file is named here
+    # the backend is built (model/adapter arguments checked, hub ids resolved) before the retriever
+    # encodes anything, so a wrong --model fails in a second; hf/vllm load weights on first use
+    inner = backend if backend is not None else build_backend(args, prompts)
     gal_view = ds.split(args.split)
     q_view = ds.split(args.query_split) if args.query_split else gal_view
     check_positives(q_view.query_pids, gal_view.gallery_pids, f"{args.dataset_root} split '{q_view.split}'")
@@ -245,7 +246,6 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
                            Path(args.feature_cache) if args.feature_cache else out / "features")
     if state is not None and is_main:
         state.wait_for_everyone()
-    inner = backend if backend is not None else build_backend(args, prompts)
     cached = CachedBackend(inner, cache_dir)
     cfg = THIConfig(rounds=args.rounds, xi=xi, lam=args.lam, gate=args.gate, exhaustive=args.exhaustive,
                     batch_size=args.batch_size)
@@ -318,7 +318,10 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
         "retriever": args.retriever, "retriever_identity": retrieval.identity,
         "retriever_short": Path(args.retriever).name or args.retriever,
         "mllm": args.mllm, "model": args.model, "adapter": args.adapter, "adapter_only_loc": args.adapter_only_loc,
-        "backend_identity": identity, "rounds": cfg.rounds, "xi": xi, "lambda": cfg.lam, "gate": cfg.gate,
+        "backend_identity": identity,
+        "pixel_budget": (inner.pixel_budget.as_dict() if getattr(inner, "pixel_budget", None) is not None
+                         else "not applicable"),
+        "decoding": identity.get("decoding"), "rounds": cfg.rounds, "xi": xi, "lambda": cfg.lam, "gate": cfg.gate,
         "exhaustive": cfg.exhaustive, "batch_size": cfg.batch_size, "processes": world,
         "prompts": args.prompts or "default", "cache_dir": str(cache_dir),
     }
@@ -337,6 +340,7 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
         "cache_hits": stats["cache_hits"],
         **({"main_replay_hits": stats["main_replay_hits"]} if shard_stats else {}),
         "xi_sweep_backend_calls": sweep_calls,
+        "visual_tokens": visual_token_report(inner),
         "wall_seconds": {
             "retriever_encode": round(retrieval.seconds, 3),
             **{f"thi_{k}": v for k, v in res.stage_seconds.items()},
@@ -360,6 +364,18 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
     cached.close()
     _destroy_group()
     return results
+
+
+def visual_token_report(backend: MLLMBackend) -> dict[str, Any]:
+    """Mean visual tokens per image the backend encoded in this run (hf: counted in the model
+    inputs; openai: expected from the stated server budget). Cache hits encode nothing."""
+    stats = getattr(backend, "visual_token_stats", None)
+    if stats is None:
+        return {"images": 0, "mean_visual_tokens": None, "measured": f"not measured by the {backend.kind} backend"}
+    out = dict(stats())
+    if not out.get("images"):
+        out["measured"] = "not measured: no image was sent to the backend in this run (all answers from the cache?)"
+    return out
 
 
 def _destroy_group() -> None:
@@ -414,8 +430,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except BackendError as exc:  # a clear one-line error, and no results.json (see run)
-        raise SystemExit(f"error: {exc}") from exc
+    except user_errors(BackendError) as exc:  # a clear one-line error (file + fix), and no results.json (see run)
+        if os.environ.get("MLLM_TUNE_TRACEBACK"):
+            raise
+        raise SystemExit(f"error: {one_line(exc)}") from exc
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from .base import (
     file_sha256,
     greedy_decoding_settings,
     max_new_tokens_for,
+    parse_max_new_tokens,
     resolve_pixel_budget,
     warn_truncated,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "PixelBudget",
     "greedy_decoding_settings",
     "max_new_tokens_for",
+    "parse_max_new_tokens",
     "resolve_pixel_budget",
     "warn_truncated",
     "BACKENDS",

@@ -136,10 +136,32 @@ def max_new_tokens_for(task: str, setting: int | dict[str, int] | None) -> int:
         unknown = set(setting) - set(TASKS)
         if unknown:
             raise ValueError(f"max_new_tokens names unknown task(s) {sorted(unknown)}; known: {TASKS}")
-        return int(setting.get(task, DEFAULT_MAX_NEW_TOKENS[task]))
+        setting = setting.get(task, DEFAULT_MAX_NEW_TOKENS[task])
     if int(setting) < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {setting}")
     return int(setting)
+
+
+def parse_max_new_tokens(text: str) -> int | dict[str, int]:
+    """Command-line form of the caps: ``256`` (every task) or ``loc=64,vqa=2048`` (the tasks it
+    omits keep their defaults). Raises argparse's type error, so argparse prints the reason."""
+    import argparse
+
+    text = text.strip()
+    try:
+        if "=" not in text:
+            n = int(text)
+            max_new_tokens_for("loc", n)  # validates the value
+            return n
+        out: dict[str, int] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            task, _, n = part.partition("=")
+            out[task.strip()] = int(n)
+        for t in TASKS:
+            max_new_tokens_for(t, out)  # validates names and values
+        return out
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"'{text}' is not N or task=N,... ({exc})") from None
 
 
 def max_new_tokens_table(setting: int | dict[str, int] | None) -> dict[str, int]:

@@ -19,6 +19,11 @@ gate, and a Yes in round 0 at or below ξ ends the query). That set of rounds sh
 so skipping never hides an answer a later decision needs: the decisions, hence the rankings,
 equal those of ``exhaustive=True``, which asks every unrefined query in every round as the
 released code does. Minimal mode also asks T_vqa once per distinct anchor image.
+
+Scale: C_i comes from a top-K per row (``top_candidates``: the order of a stable descending
+sort, without sorting the row), and Ŝ is never copied per round or λ: it differs from S only in
+the refined rows, so ``THIResult`` builds those rows on demand (``refined_rows``) and computes
+metrics as the base's per-query values with the refined rows ranked again (``metrics``).
 """
 
 from __future__ import annotations
@@ -27,18 +32,20 @@ import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from mllm_tune.core.backends import MLLMBackend, MLLMRequest
+from mllm_tune.core.metrics import mean_metrics, per_query_metrics
 from mllm_tune.core.prompts import DEFAULT_PROMPTS, PromptSet, is_yes, split_answer_sentences
 
 logger = logging.getLogger(__name__)
 
 GATES = ("released", "paper")
 TextEncoder = Callable[[list[str]], torch.Tensor]
+ROW_CHUNK = 1024  # rows of Q x G work held at once (1024 x 19,848 float32 = 81 MB)
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,7 @@ class THIResult:
     refined_feats: dict[int, torch.Tensor]  # query -> f_text(q̂_i), L2-normalised [D]
     calls: dict[str, int]  # requests THI asked per stage (independent of the cache)
     stage_seconds: dict[str, float]
+    _base_metrics: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # memo of metrics(S)
 
     @property
     def refined(self) -> list[int]:
@@ -101,21 +109,94 @@ class THIResult:
         last = self.config.rounds - 1 if after_round is None else after_round
         return sum(d.refined_round is not None and d.refined_round <= last for d in self.decisions)
 
-    def scores(self, after_round: int | None = None, lam: float | None = None) -> torch.Tensor:
-        """Ŝ after round ``after_round`` (default: the last) with balance ``lam`` (default: config.λ)."""
+    def _refined_by(self, after_round: int | None) -> list[QueryDecision]:
+        last = self.config.rounds - 1 if after_round is None else after_round
+        return [d for d in self.decisions if d.refined_round is not None and d.refined_round <= last]
+
+    def refined_rows(self, after_round: int | None = None, lam: float | None = None,
+                     chunk: int = ROW_CHUNK) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(query indices, their rows of Ŝ), ``chunk`` queries at a time, for the queries refined by
+        ``after_round``: every other row of Ŝ is the base row, so this is all of Ŝ that is new."""
         if self.gallery_feats is None:
             raise RuntimeError("this THI run did not re-encode queries (encode=False): no scores to build")
-        last = self.config.rounds - 1 if after_round is None else after_round
         lam = self.config.lam if lam is None else lam
-        rows = [d for d in self.decisions if d.refined_round is not None and d.refined_round <= last]
+        rows = self._refined_by(after_round)
+        for s in range(0, len(rows), chunk):
+            part = rows[s : s + chunk]
+            idx = torch.tensor([d.query for d in part])
+            sbar = torch.stack([self.refined_feats[d.query] for d in part]) @ self.gallery_feats.T
+            sbar[torch.arange(len(part)), torch.tensor([d.anchor for d in part])] = 1.0
+            yield idx, lam * self.base[idx] + (1.0 - lam) * sbar
+
+    def scores(self, after_round: int | None = None, lam: float | None = None) -> torch.Tensor:
+        """Ŝ after round ``after_round`` (default: the last) with balance ``lam`` (default: config.λ).
+        A full Q x G copy: for metrics or a few rows use ``metrics`` / ``score_rows``."""
         out = self.base.clone()
-        if rows:
-            idx = torch.tensor([d.query for d in rows])
-            feats = torch.stack([self.refined_feats[d.query] for d in rows])
-            sbar = feats @ self.gallery_feats.T
-            sbar[torch.arange(len(rows)), torch.tensor([d.anchor for d in rows])] = 1.0
-            out[idx] = lam * self.base[idx] + (1.0 - lam) * sbar
+        for idx, rows in self.refined_rows(after_round, lam):
+            out[idx] = rows
         return out
+
+    def score_rows(self, queries: Sequence[int], after_round: int | None = None, lam: float | None = None) -> torch.Tensor:
+        """Rows of Ŝ for the given queries (refined or not), in that order."""
+        want = torch.as_tensor(list(queries), dtype=torch.long)
+        out = self.base[want].clone()
+        where = {int(q): i for i, q in enumerate(want.tolist())}
+        for idx, rows in self.refined_rows(after_round, lam):
+            for j, q in enumerate(idx.tolist()):
+                if q in where:
+                    out[where[q]] = rows[j]
+        return out
+
+    def top1(self, after_round: int | None = None, lam: float | None = None) -> torch.Tensor:
+        """argmax of every row of Ŝ (first maximum, as ``torch.argmax``) without building Ŝ."""
+        best = torch.cat([self.base[s : s + ROW_CHUNK].argmax(1) for s in range(0, self.base.shape[0], ROW_CHUNK)])
+        for idx, rows in self.refined_rows(after_round, lam):
+            best[idx] = rows.argmax(1)
+        return best
+
+    def base_per_query(self, query_pids: Any, gallery_pids: Any) -> dict[str, torch.Tensor]:
+        """``per_query_metrics(S, ...)``, computed once per result (and reusable across results
+        of the same S, e.g. a ξ sweep: pass it to ``metrics(base_per_query=...)``)."""
+        key = (torch.as_tensor(query_pids).tolist(), torch.as_tensor(gallery_pids).tolist())
+        if self._base_metrics.get("key") != key:
+            self._base_metrics.update(key=key, values=per_query_metrics(self.base, query_pids, gallery_pids))
+        return self._base_metrics["values"]
+
+    def metrics(self, query_pids: Any, gallery_pids: Any, after_round: int | None = None, lam: float | None = None,
+                base_per_query: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """``rank_metrics(self.scores(after_round, lam), query_pids, gallery_pids)``, equal to it,
+        without building Ŝ: a query's metrics depend on its own row only, so the base's per-query
+        values are kept and only the refined rows are ranked again."""
+        base_pq = base_per_query if base_per_query is not None else self.base_per_query(query_pids, gallery_pids)
+        per_q = {k: v.clone() for k, v in base_pq.items()}
+        qp = torch.as_tensor(query_pids)
+        for idx, rows in self.refined_rows(after_round, lam):
+            part = per_query_metrics(rows, qp[idx], gallery_pids)
+            for k in per_q:
+                per_q[k][idx] = part[k]
+        return mean_metrics(per_q)
+
+
+def top_candidates(base: torch.Tensor, k: int, chunk: int = ROW_CHUNK) -> torch.Tensor:
+    """The first ``k`` columns of each row in a stable descending sort (ties by ascending gallery
+    index), without sorting the rows: a top-k gives each row's k-th largest score, and only the
+    columns at or above it (k of them, more when ties straddle it) are ordered."""
+    Q, G = base.shape
+    k = min(k, G)
+    out = torch.empty((Q, k), dtype=torch.long)
+    for s in range(0, Q, chunk):
+        rows = base[s : s + chunk]
+        top = rows.topk(k, dim=1).values  # NaN counts as the largest value here, as in a sort
+        kth = top[:, -1:]
+        if bool(torch.isnan(top).any()):
+            raise ValueError(f"THI: the similarity rows {s}..{s + len(rows) - 1} hold NaN; scores must be finite")
+        r, c = (rows >= kth).nonzero(as_tuple=True)  # row-major: ascending columns within a row
+        by_score = torch.sort(rows[r, c], descending=True, stable=True).indices  # equal scores keep column order
+        regroup = by_score[torch.sort(r[by_score], stable=True).indices]  # back to rows, order kept
+        r, c = r[regroup], c[regroup]
+        first = torch.searchsorted(r, torch.arange(len(rows)))  # where each row's run starts
+        out[s : s + len(rows)] = c[first.unsqueeze(1) + torch.arange(k)]
+    return out
 
 
 def _can_accept(gate: str, r: int, cand_sims: Sequence[float], xi: float) -> bool:
@@ -177,7 +258,7 @@ def run_thi(
         raise ValueError(f"THI: gallery features must have {G} rows to match S")
     K = min(config.rounds, G)
     cfg = config
-    order = torch.sort(base, dim=1, descending=True, stable=True).indices[:, :K]
+    order = top_candidates(base, K)
     cand_sims = torch.gather(base, 1, order).tolist()
     decisions = [QueryDecision(i, order[i].tolist()) for i in range(Q)]
     calls: Counter[str] = Counter()

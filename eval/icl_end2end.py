@@ -129,6 +129,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- wiring ------------------------------------------------------------------------------------
 
+class _Retrieval:
+    """Base similarity, gallery features and the text encoder, whichever retriever is used."""
+
+    def __init__(self, spec: str, root: Path, gallery_paths: list[str], query_texts: list[str], cache_dir: Path):
+        from mllm_tune.core.retrievers import RetrieverLoadError, encode_gallery, load_retriever
+
+        t0 = time.perf_counter()
+        try:
+            ret = load_retriever(spec)
+        except RetrieverLoadError as exc:
+            raise SystemExit(f"error: {exc}") from exc
+        self.identity = str(ret.identity)
+        # a simulation's features come from ground truth: never cached, always labelled
+        self.simulated = bool(getattr(ret, "simulated", False))
+        try:
+            self.gallery = (ret.encode_images(gallery_paths) if self.simulated
+                            else encode_gallery(ret, gallery_paths, cache_dir))
+        except ValueError as exc:
+            if self.simulated:
+                raise SystemExit(f"error: {exc}") from exc
+            raise
+        self.encode_text = lambda texts: ret.encode_texts(texts, progress=False)
+        with torch.no_grad():
+            self.queries = ret.encode_texts(list(query_texts)).float()
+        self.gallery = self.gallery.float()
+        self.base = self.queries @ self.gallery.T
+        self.seconds = time.perf_counter() - t0
+
+
 def build_backend(args: argparse.Namespace, prompts) -> MLLMBackend:
     kw: dict[str, Any] = {}
     if args.mllm == "oracle":

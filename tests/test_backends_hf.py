@@ -97,8 +97,16 @@ def test_hf_end_to_end_harness(synth_root, tiny_qwen2_vl, yes_adapter, tmp_path)
     assert res["complete"] and not any("oracle" in n for n in res["simulation_notes"])
     assert res["refined"] > 0 and res["calls"]["vqa"] > 0 and res["calls"]["aggr"] == res["refined"]
     assert res["config"]["backend_identity"]["adapter_tasks"] == ["loc"]
+    # the budget saved with the adapter (the tiny model's 6,272 px), and what the model really saw
+    budget = res["config"]["pixel_budget"]
+    assert (budget["min_pixels"], budget["max_pixels"]) == (6272, 6272) and budget["source"].startswith("adapter")
+    assert res["visual_tokens"]["images"] > 0 and 6 <= res["visual_tokens"]["mean_visual_tokens"] <= 10
+    assert res["config"]["decoding"]["repetition_penalty"] == 1.0
+    on_disk = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert on_disk["visual_tokens"] == res["visual_tokens"]
     again = main(argv)  # resumed entirely from the answer cache
     assert sum(again["backend_calls"].values()) == 0 and again["rounds"] == res["rounds"]
+    assert again["visual_tokens"]["images"] == 0 and "not measured" in again["visual_tokens"]["measured"]
 
 
 # -- decoding parity (issue 11, item 3) ------------------------------------------------------

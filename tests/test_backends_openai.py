@@ -54,6 +54,11 @@ def test_openai_end_to_end_equals_oracle(synth_root, tmp_path):
                              "--concurrency", "4", "--out", str(tmp_path / "openai")])
     assert res["rounds"] == ref["rounds"] and res["calls"] == ref["calls"] and res["refined"] > 0
     assert sum(res["backend_calls"].values()) == srv.completions
+    # the budget the server is stated to run with, and tokens computed from it (not measured)
+    assert res["config"]["pixel_budget"]["min_pixels"] == res["config"]["pixel_budget"]["max_pixels"] == 50_176
+    assert res["visual_tokens"]["images"] > 0 and res["visual_tokens"]["measured"].startswith("not measured: expected")
+    assert res["config"]["decoding"]["request_fields"]["repetition_penalty"] == 1.0
+    assert ref["config"]["pixel_budget"] == "not applicable"
     # unreachable server: a clear error and no results.json
     with pytest.raises(SystemExit, match="cannot reach"):
         main(common + ["--mllm", "openai", "--base-url", f"http://127.0.0.1:{_free_port()}/v1", "--model", "x",

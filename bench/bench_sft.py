@@ -5,7 +5,10 @@ the same LoRA setting (r 8, alpha 16, language model only, lm_head trained as in
 in this process, alternating, medians reported. Reported: samples/s of each (Trainer's
 `train_samples_per_second`) and their ratio; then, on the trainer sft.py builds, the time per
 batch of the vision collator (chat template + image processing + label masking) against the
-forward+backward pass.
+forward+backward pass. Last, the cost of back-propagating the frozen vision tower (issue 11, item 5):
+the forward+backward time of one batch on a Qwen2-VL-2B-shaped model (real widths and vocabulary,
+2 text layers, random weights, 224x224 images) with transformers' stock input-gradient hooks
+against `modeling.keep_frozen_vision_out_of_backward`, alternating on the same model and batch.
 """
 
 from __future__ import annotations
@@ -21,6 +24,19 @@ logger = logging.getLogger(__name__)
 
 FULL = {"steps": 16, "batch": 4, "pairs": 48, "ids": 24, "timed_batches": 8, "reps": 3}
 SMOKE = {"steps": 2, "batch": 1, "pairs": 4, "ids": 6, "timed_batches": 1, "reps": 1}
+
+# Qwen2-VL-2B-Instruct's config (text: hidden 1536, 12 heads, 2 kv heads, intermediate 8960, vocab
+# 151936, mrope [16, 24, 24]; vision: embed_dim 1280, 16 heads, mlp_ratio 4, 32 blocks, 14-px
+# patches), with 2 text layers so the vision tower's share is as in a real step of a bigger
+# language model at most; `vision_depth` below 32 keeps a CPU run within minutes.
+QWEN2_VL_2B = {"hidden_size": 1536, "intermediate_size": 8960, "num_attention_heads": 12, "num_key_value_heads": 2,
+               "vocab_size": 151936, "mrope_section": [16, 24, 24], "vision_embed_dim": 1280, "vision_heads": 16,
+               "vision_mlp_ratio": 4, "vision_depth": 32}
+VISION_FULL = {"text_layers": 2, "vision_depth": 8, "batch": 1, "pixels": 50176, "reps": 4}
+VISION_SMOKE = {"text_layers": 1, "vision_depth": 1, "batch": 1, "pixels": 3136, "reps": 1,
+                "shape": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+                          "vocab_size": 2048, "mrope_section": [2, 3, 3], "vision_embed_dim": 32, "vision_heads": 2,
+                          "vision_mlp_ratio": 2}}
 
 
 def _setup(work: Path, o: dict) -> tuple[Path, Path]:
@@ -130,6 +146,124 @@ def _breakdown(model: Path, data: Path, out: Path, o: dict) -> dict:
     return {"collate_ms": c, "fwd_bwd_ms": f, "collate_share": c / (c + f), "tokens_per_batch": tokens}
 
 
+def _qwen2_vl_2b_shaped(tok, o: dict):
+    """A Qwen2-VL model with 2B widths and vocabulary, `o` text layers / vision blocks, random weights."""
+    import torch
+    from transformers import AutoModelForImageTextToText, Qwen2VLConfig
+
+    shape = {**QWEN2_VL_2B, **o.get("shape", {})}
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    text = {"vocab_size": shape["vocab_size"], "hidden_size": shape["hidden_size"],
+            "intermediate_size": shape["intermediate_size"], "num_hidden_layers": o["text_layers"],
+            "num_attention_heads": shape["num_attention_heads"], "num_key_value_heads": shape["num_key_value_heads"],
+            "max_position_embeddings": 32768, "tie_word_embeddings": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": shape["mrope_section"]},
+            "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+    vision = {"depth": o["vision_depth"], "embed_dim": shape["vision_embed_dim"], "hidden_size": shape["hidden_size"],
+              "num_heads": shape["vision_heads"], "mlp_ratio": shape["vision_mlp_ratio"], "patch_size": 14,
+              "spatial_merge_size": 2, "temporal_patch_size": 2}
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return AutoModelForImageTextToText.from_config(config)
+
+
+def _requires_grad(out) -> bool:
+    """Whether any tensor of a module output (tensor, ModelOutput, tuple) is in the autograd graph."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out.requires_grad
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
+    return any(_requires_grad(v) for v in values)
+
+
+def _vision_backward(work: Path, o: dict) -> dict:
+    """Forward+backward time of one LoRA batch with the stock input-gradient hooks (the frozen
+    vision tower is back-propagated) and with keep_frozen_vision_out_of_backward, alternating
+    A B B A ... on the same model and batch, gradient checkpointing on as in the real recipes."""
+    import numpy as np
+    import torch
+    from peft import get_peft_model
+    from PIL import Image
+
+    from bench import _proc_status, _reset_peak
+    from mllm_tune.core import modeling
+    from mllm_tune.core.prompts import DEFAULT_PROMPTS
+    from synthpedes.tiny import build_tiny
+
+    # the processor of a tiny model (our tokenizer, Qwen2-VL's image processor) at the training budget
+    proc_dir = build_tiny("qwen2_vl", work / "proc_2b", image_pixels=o["pixels"])
+    processor = modeling.load_processor(str(proc_dir), min_pixels=o["pixels"], max_pixels=o["pixels"])
+    model = _qwen2_vl_2b_shaped(processor.tokenizer, o)
+    modeling.keep_frozen_vision_out_of_backward(model)
+    inner = model
+    model = get_peft_model(model, modeling.build_lora_config(model, dropout=0.0), autocast_adapter_dtype=False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    side = int(o["pixels"] ** 0.5)
+    rng = np.random.default_rng(0)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": DEFAULT_PROMPTS.render_loc(
+        "A woman in a red coat and black trousers, carrying a white bag.")}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Yes"}]}]
+    text = processor.apply_chat_template(msgs, tokenize=False)
+    images = [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(o["batch"])]
+    batch = dict(processor(text=[text] * o["batch"], images=images, return_tensors="pt"))
+    batch["labels"] = batch["input_ids"].clone()
+    visual = next(m for n, m in model.named_modules() if n.endswith(".visual"))
+    seen: list[bool] = []
+    visual.register_forward_hook(lambda m, i, out: seen.append(_requires_grad(out)))
+
+    def use(fixed: bool) -> None:
+        inner.disable_input_require_grads()
+        if fixed:
+            inner.enable_input_require_grads()  # ours: language-model embeddings only
+        else:
+            type(inner).enable_input_require_grads(inner)  # transformers' own: patch_embed too
+
+    def step(fixed: bool) -> dict:
+        use(fixed)
+        seen.clear()
+        base = _proc_status().get("VmRSS", 0)
+        _reset_peak()
+        # CPU time of this process (all its threads) next to wall time: on a CPU shared with other
+        # jobs the wall time swings with their load, the CPU time much less
+        c0, t0 = time.process_time(), time.perf_counter()
+        loss = model(**batch).loss
+        t1 = time.perf_counter()
+        loss.backward()
+        t2, c2 = time.perf_counter(), time.process_time()
+        peak = _proc_status().get("VmHWM", 0) - base
+        model.zero_grad(set_to_none=True)
+        return {"wall": t2 - t0, "fwd": t1 - t0, "bwd": t2 - t1, "cpu": c2 - c0, "peak": peak,
+                "loss": round(float(loss.detach()), 5), "grad": any(seen)}
+
+    step(False), step(True)  # warm-up
+    runs: dict[bool, list[dict]] = {False: [], True: []}
+    for r in range(o["reps"]):
+        for fixed in ((False, True) if r % 2 == 0 else (True, False)):  # A B B A: load drift cancels
+            runs[fixed].append(step(fixed))
+
+    def med(fixed: bool, key: str) -> float:
+        xs = sorted(x[key] for x in runs[fixed])
+        return xs[len(xs) // 2]
+
+    tokens = int(batch["input_ids"].numel())
+    out = {f"vision_{mode}_{key}": med(fixed, key) for mode, fixed in (("stock", False), ("fixed", True))
+           for key in ("wall", "fwd", "bwd", "cpu")}
+    return {**out, "vision_ratio_wall": out["vision_stock_wall"] / out["vision_fixed_wall"],
+            "vision_ratio_cpu": out["vision_stock_cpu"] / out["vision_fixed_cpu"],
+            "vision_stock_peak_mb": med(False, "peak") / 2**20, "vision_fixed_peak_mb": med(True, "peak") / 2**20,
+            "vision_same_loss": {x["loss"] for x in runs[False]} == {x["loss"] for x in runs[True]},
+            "vision_out_requires_grad_stock": all(x["grad"] for x in runs[False]),
+            "vision_out_requires_grad_fixed": any(x["grad"] for x in runs[True]),
+            "vision_all_stock_wall": [x["wall"] for x in runs[False]],
+            "vision_all_fixed_wall": [x["wall"] for x in runs[True]], "vision_tokens_per_batch": tokens,
+            "vision_patches_per_image": int(batch["image_grid_thw"][0].prod()), "vision_setup": {
+                **{k: v for k, v in o.items() if k != "shape"}, "widths": "tiny (smoke)" if "shape" in o else "Qwen2-VL-2B"}}
+
+
 def run(smoke: bool = False) -> dict:
     import transformers
 
@@ -153,6 +287,7 @@ def run(smoke: bool = False) -> dict:
         plain = sorted(plains, key=lambda m: m["train_samples_per_second"])[len(plains) // 2]
         ours = sorted(ourss, key=lambda m: m["train_samples_per_second"])[len(ourss) // 2]
         split = _breakdown(model, data, work / "bd", o)
+        vis = _vision_backward(work, VISION_SMOKE if smoke else VISION_FULL)
 
     p, s = plain["train_samples_per_second"], ours["train_samples_per_second"]
     pm = sorted(m["median_samples_per_second"] for m in plains)[len(plains) // 2]
@@ -167,6 +302,7 @@ def run(smoke: bool = False) -> dict:
         "plain_train_loss": plain.get("train_loss"),
         "sft_train_loss": ours.get("train_loss"),
         **split,
+        **vis,
         "steps": o["steps"],
         "batch": o["batch"],
         "runs_each": len(plains),
@@ -191,14 +327,49 @@ def run(smoke: bool = False) -> dict:
         f"{[round(m['train_samples_per_second'], 2) for m in plains]}, sft.py "
         f"{[round(m['train_samples_per_second'], 2) for m in ourss]}; on a shared CPU single runs vary a lot, "
         "the median step time is the steadier figure. Equal train losses show both runs did the same work."
+        f"\n\n{_vision_markdown(vis)}"
     )
     return {"title": "LoRA SFT throughput: sft.py vs plain TRL", "markdown": md, "figures": figures}
+
+
+def _vision_markdown(v: dict) -> str:
+    o = v["vision_setup"]
+    table = md_table(["input-gradient hooks", "vision output requires grad", "fwd+bwd wall s", "forward s",
+                      "backward s", "CPU s", "peak RSS MB"], [
+        ["transformers' stock (patch_embed + embed_tokens)", v["vision_out_requires_grad_stock"], v["vision_stock_wall"],
+         v["vision_stock_fwd"], v["vision_stock_bwd"], v["vision_stock_cpu"], v["vision_stock_peak_mb"]],
+        ["keep_frozen_vision_out_of_backward (embed_tokens)", v["vision_out_requires_grad_fixed"], v["vision_fixed_wall"],
+         v["vision_fixed_fwd"], v["vision_fixed_bwd"], v["vision_fixed_cpu"], v["vision_fixed_peak_mb"]],
+        ["ratio stock / fixed", "", v["vision_ratio_wall"], "", "", v["vision_ratio_cpu"], ""],
+    ])
+    return (
+        f"Frozen vision tower in the backward pass (issue 11, item 5): {o.get('widths', 'Qwen2-VL-2B')} widths and vocabulary, "
+        f"{o['text_layers']} text layers, {o['vision_depth']} of 32 vision blocks, random weights, LoRA r 8 on the "
+        f"language model, gradient checkpointing (non-reentrant), batch {o['batch']}, {o['pixels']}-pixel images "
+        f"({v['vision_patches_per_image']} patches, {v['vision_tokens_per_batch']} tokens per batch), fp32 CPU, "
+        f"forward + backward of one batch, alternating A B B A on one model, {o['reps']} runs each (medians)."
+        f"\n\n{table}\n\n"
+        f"Same loss in both modes: {v['vision_same_loss']}. Wall s per run: stock "
+        f"{[round(x, 2) for x in v['vision_all_stock_wall']]}, fixed {[round(x, 2) for x in v['vision_all_fixed_wall']]}. "
+        "CPU s counts this process's threads only, so it moves less with other jobs' load than wall time. "
+        "With 2 text layers the vision tower's share of a step is far larger than in the real 28-layer model; "
+        "the time saved per image (stock minus fixed) is what carries over."
+    )
 
 
 if __name__ == "__main__":
     import json
     import sys
 
+    if "--vision-only" in sys.argv:  # just the frozen-vision-tower measurement (a few minutes on 2 CPUs)
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        with tempfile.TemporaryDirectory() as tmp:
+            vis = _vision_backward(Path(tmp), VISION_SMOKE if "--smoke" in sys.argv else VISION_FULL)
+        print(_vision_markdown(vis))
+        print(json.dumps(vis, indent=2))
+        sys.exit(0)
     res = run(smoke="--smoke" in sys.argv)
     print(res["markdown"])
     print(json.dumps(res["figures"], indent=2))

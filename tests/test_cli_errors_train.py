@@ -178,3 +178,17 @@ def test_retriever_train_cli_errors(tiny_clip, synth_root, tmp_path, capsys):
     rc, text = _run(["-m", "mllm_tune.retriever_train", *base[:2], "--dataset-root", "missing_root",
                      *base[4:]], tmp_path)
     assert rc == 2 and "missing_root" in _error_line(text)
+
+
+def test_sft_warns_when_vllm_would_refuse_the_adapter(tmp_path):
+    from mllm_tune.sft import vllm_servable_warning
+    from mllm_tune.sft_config import parse_args
+
+    argv = ["--model_name_or_path", "m/m", "--dataset_name", "d", "--output_dir", str(tmp_path)]
+    assert vllm_servable_warning(parse_args(argv)) is None  # the default: servable
+    assert vllm_servable_warning(parse_args([*argv, "--lora_modules_to_save", "score"])) is None
+    msg = vllm_servable_warning(parse_args([*argv, "--lora_modules_to_save", "lm_head"]))
+    assert msg and "lm_head" in msg and "vLLM will refuse" in msg
+    msg = vllm_servable_warning(parse_args([*argv, "--freeze_vision_tower", "false"]))
+    assert msg and "vision tower" in msg
+    assert vllm_servable_warning(parse_args([*argv, "--lora_modules_to_save", "lm_head", "--use_peft", "false"])) is None

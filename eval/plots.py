@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence, Union
 
 import matplotlib
 
@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 KEYS = ("R1", "R5", "R10", "mAP", "mINP")
+# a Q x G matrix, or just the rows that are drawn (e.g. ``dict(zip(qs, result.score_rows(qs)))``)
+Rows = Union[torch.Tensor, Mapping[int, torch.Tensor]]
 
 
 def _finish(fig, ax, path: Path, title: str, label: str | None) -> Path:
@@ -52,8 +54,8 @@ def sweep(xs: Sequence[float], metrics: Sequence[dict], path: str | Path, name: 
 
 
 def topk_strips(
-    before: torch.Tensor,
-    after: torch.Tensor,
+    before: Rows,
+    after: Rows,
     queries: Sequence[int],
     query_texts: Sequence[str],
     query_pids: Sequence[int],
@@ -63,7 +65,9 @@ def topk_strips(
     k: int = 10,
     label: str | None = None,
 ) -> Path:
-    """For each query, its top-k before and after THI; green frame = same identity."""
+    """For each query, its top-k before and after THI; green frame = same identity. ``before`` /
+    ``after`` only need the rows of the drawn queries (``S[q]``), so a mapping of those rows does
+    instead of a full Q x G matrix."""
     from PIL import Image
 
     queries = list(queries)

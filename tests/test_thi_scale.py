@@ -128,3 +128,23 @@ def test_metrics_memo_follows_the_pids():
     qp2 = qp.roll(1)  # other query pids (all still in the gallery): the memo must not answer
     assert res.metrics(qp2, gp) == rank_metrics(res.scores(), qp2, gp)
     assert res.metrics(qp, gp) == first == rank_metrics(res.scores(), qp, gp)
+
+
+def test_top10_strips_from_rows_only(tmp_path):
+    """The strip figure needs only the drawn rows: score_rows of the picked queries, no full Ŝ."""
+    from PIL import Image
+
+    from eval import plots
+
+    S, texts, _, gal, qp, gp = make_case(40, 12, 8, 5, False)
+    paths = []
+    for j in range(12):
+        paths.append(str(tmp_path / f"g{j}.png"))
+        Image.new("RGB", (8, 16), (20 * j, 0, 0)).save(paths[-1])
+    res = run_thi(S, texts, paths, HashedYes(), encoder(8), gal, THIConfig(rounds=3, xi=0.0), progress=False)
+    changed = (res.top1() != res.base.argmax(1)).nonzero().flatten().tolist()
+    pick = (changed + res.refined)[:2]
+    after = dict(zip(pick, res.score_rows(pick)))
+    before = {q: res.base[q] for q in pick}
+    out = plots.topk_strips(before, after, pick, texts, qp.tolist(), paths, gp.tolist(), tmp_path / "s.png", k=5)
+    assert out.is_file() and out.stat().st_size > 0

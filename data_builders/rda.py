@@ -182,8 +182,10 @@ def run(
     batch_size: int = 64,
     limit: int | None = None,
     progress: bool = True,
+    backend_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build ``OUT/rda.jsonl`` for ``split``; ``backend`` is an MLLMBackend (wrapped in the cache here)."""
+    """Build ``OUT/rda.jsonl`` for ``split``; ``backend`` is an MLLMBackend (wrapped in the cache here).
+    ``backend_config``: the command-line backend settings, recorded in ``rda_stats.json``."""
     from mllm_tune.core.pedes import load_pedes
     from mllm_tune.core.backends import CachedBackend
     from mllm_tune.core.prompts import load_prompts
@@ -220,6 +222,7 @@ def run(
         **counts,
         "limit": limit,
         "backend": identity,
+        "backend_config": backend_config,
         "pixel_budget": budget.as_dict() if budget is not None else "not applicable",
         "visual_tokens": visual,
         "simulated": bool(identity.get("simulated", False)),
@@ -260,8 +263,12 @@ def build_backend(a: argparse.Namespace, prompts) -> Any:
                        "name for openai)")
     common = dict(max_new_tokens=a.max_new_tokens, min_pixels=a.min_pixels, max_pixels=a.max_pixels)
     if a.mllm in ("hf", "vllm"):
-        return make_backend(a.mllm, model=a.model, adapter=a.adapter, dtype=a.dtype, batch_size=a.mllm_batch_size,
-                            **common)
+        kw: dict[str, Any] = dict(model=a.model, adapter=a.adapter, dtype=a.dtype, batch_size=a.mllm_batch_size, **common)
+        if a.mllm == "vllm":
+            from mllm_tune.core.backends.cli_flags import vllm_engine_options
+
+            kw.update(vllm_engine_options(a))  # --vllm-dtype, when given, wins over --dtype
+        return make_backend(a.mllm, **kw)
     # openai: min/max pixels state the server's budget (--mm-processor-kwargs when it was started)
     return make_backend("openai", base_url=a.base_url, model=a.model, api_key=os.environ.get(a.api_key_env),
                         concurrency=a.concurrency, adapter=a.adapter if a.adapter and Path(a.adapter).is_dir() else None,
@@ -275,6 +282,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         DEFAULT_MIN_PIXELS,
         parse_max_new_tokens,
     )
+    from mllm_tune.core.backends.cli_flags import add_vllm_engine_flags
 
     ap = argparse.ArgumentParser(prog="python -m data_builders.rda",
                                  description="Build RDA caption groups (enrich, decompose, paraphrase) with an MLLM.")
@@ -302,6 +310,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     b.add_argument("--max-pixels", type=int, default=None,
                    help=f"image budget, largest area (default: the adapter's, else {DEFAULT_MAX_PIXELS})")
     b.add_argument("--dtype", default="auto")
+    add_vllm_engine_flags(b)
     b.add_argument("--mllm-batch-size", type=int, default=8, help="prompts per forward pass (hf)")
     b.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="openai-compatible server")
     b.add_argument("--api-key-env", default="OPENAI_API_KEY")
@@ -326,8 +335,14 @@ def main(argv: Sequence[str] | None = None, backend_factory: Callable | None = N
     load_pedes(a.dataset_root, a.dataset).split(a.split)
     prompts = load_prompts(a.prompts)
     backend = (backend_factory or build_backend)(a, prompts)
+    config: dict[str, Any] = {"kind": a.mllm, "max_new_tokens": a.max_new_tokens, "min_pixels": a.min_pixels,
+                              "max_pixels": a.max_pixels, "dtype": a.dtype}
+    if a.mllm == "vllm":
+        from mllm_tune.core.backends.cli_flags import vllm_engine_options
+
+        config["vllm_engine"] = vllm_engine_options(a)
     return run(a.dataset_root, a.dataset, a.out, backend, a.split, a.m, a.cache_dir, a.prompts, a.batch_size,
-               a.limit, not a.no_progress)
+               a.limit, not a.no_progress, backend_config=config)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -41,6 +41,7 @@ from mllm_tune.core.backends import (
     make_backend,
     parse_max_new_tokens,
 )
+from mllm_tune.core.backends.cli_flags import add_vllm_engine_flags, vllm_engine_options
 from mllm_tune.core.cli_exit import CLIError, check_dataset_root, one_line, user_errors
 from mllm_tune.core.prompts import load_prompts
 
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-pixels", type=int, default=None,
                    help=f"image budget, largest area (default: the adapter's, else {DEFAULT_MAX_PIXELS})")
     m.add_argument("--dtype", default="auto", help="hf/vllm weights dtype (auto, float32, bfloat16)")
+    add_vllm_engine_flags(m)
     m.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="openai: server URL")
     m.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: environment variable holding the key")
     m.add_argument("--concurrency", type=int, default=8, help="openai: parallel requests")
@@ -150,12 +152,32 @@ class _Retrieval:
             if self.simulated:
                 raise SystemExit(f"error: {exc}") from exc
             raise
+        self.model = ret
         self.encode_text = lambda texts: ret.encode_texts(texts, progress=False)
         with torch.no_grad():
             self.queries = ret.encode_texts(list(query_texts)).float()
         self.gallery = self.gallery.float()
         self.base = self.queries @ self.gallery.T
         self.seconds = time.perf_counter() - t0
+
+    def release_gpu(self) -> bool:
+        """Move the retriever's weights to the CPU and free the CUDA cache, so an engine that
+        sizes itself by free GPU memory (vLLM) gets it. The text encoder stays usable (THI
+        encodes rewritten queries on the CPU: a few hundred short texts). False: nothing to do."""
+        import gc
+
+        if not torch.cuda.is_available():
+            return False
+        moved = False
+        for value in vars(self.model).values():
+            if isinstance(value, torch.nn.Module):
+                value.to("cpu")
+                moved = True
+        if hasattr(self.model, "device"):
+            self.model.device = torch.device("cpu")
+        gc.collect()
+        torch.cuda.empty_cache()
+        return moved
 
 
 def build_backend(args: argparse.Namespace, prompts) -> MLLMBackend:
@@ -166,9 +188,11 @@ def build_backend(args: argparse.Namespace, prompts) -> MLLMBackend:
     elif args.mllm in ("hf", "vllm"):
         if not args.model:
             raise CLIError(f"--mllm {args.mllm} needs --model (a local model folder or a hub id org/name)")
-        kw = dict(model=args.model, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
+        kw.update(model=args.model, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
                   min_pixels=args.min_pixels, max_pixels=args.max_pixels, dtype=args.dtype,
                   batch_size=args.batch_size, adapter_tasks=("loc",) if args.adapter_only_loc else None)
+        if args.mllm == "vllm":
+            kw.update(vllm_engine_options(args))  # --vllm-dtype, when given, wins over --dtype
     elif args.mllm == "openai":
         if not args.model:
             raise CLIError("--mllm openai needs --model (the served model name)")
@@ -276,6 +300,7 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
     if state is not None and is_main:
         state.wait_for_everyone()
     cached = CachedBackend(inner, cache_dir)
+    offloaded = bool(args.mllm == "vllm" and backend is None and retrieval.release_gpu())
     cfg = THIConfig(rounds=args.rounds, xi=xi, lam=args.lam, gate=args.gate, exhaustive=args.exhaustive,
                     batch_size=args.batch_size)
     progress = not args.no_progress
@@ -348,6 +373,8 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
         "retriever_short": Path(args.retriever).name or args.retriever,
         "mllm": args.mllm, "model": args.model, "adapter": args.adapter, "adapter_only_loc": args.adapter_only_loc,
         "backend_identity": identity,
+        "backend_config": backend_config(args),
+        "retriever_moved_to_cpu": offloaded,
         "pixel_budget": (inner.pixel_budget.as_dict() if getattr(inner, "pixel_budget", None) is not None
                          else "not applicable"),
         "decoding": identity.get("decoding"), "rounds": cfg.rounds, "xi": xi, "lambda": cfg.lam, "gate": cfg.gate,
@@ -393,6 +420,15 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
     cached.close()
     _destroy_group()
     return results
+
+
+def backend_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The backend settings given on the command line (None: the backend's default)."""
+    cfg: dict[str, Any] = {"kind": args.mllm, "max_new_tokens": args.max_new_tokens, "min_pixels": args.min_pixels,
+                           "max_pixels": args.max_pixels, "dtype": args.dtype}
+    if args.mllm == "vllm":
+        cfg["vllm_engine"] = vllm_engine_options(args)
+    return cfg
 
 
 def visual_token_report(backend: MLLMBackend) -> dict[str, Any]:

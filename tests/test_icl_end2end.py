@@ -179,3 +179,65 @@ def test_no_argument_default_runs_the_shipped_demo_models(tmp_path, monkeypatch)
     assert Path(args.retriever) == demo_model("clip-synthpedes")
     assert args.xi == DEMO_THI_XI and args.dataset == "synthpedes" and args.split == "test"
     assert (Path(args.dataset_root) / "reid_raw.json").is_file()  # generated on first use
+
+
+# -- vLLM engine controls on the command line (issue 11, item 5) --------------------------------
+
+VLLM_FLAGS = ["--vllm-gpu-memory-utilization", "0.6", "--vllm-max-model-len", "4096", "--vllm-max-num-seqs", "16",
+              "--vllm-tensor-parallel-size", "2", "--vllm-enforce-eager", "--vllm-dtype", "bfloat16",
+              "--vllm-engine-kwargs", '{"swap_space": 8}']
+VLLM_KW = {"gpu_memory_utilization": 0.6, "max_model_len": 4096, "max_num_seqs": 16, "tensor_parallel_size": 2,
+           "enforce_eager": True, "dtype": "bfloat16", "engine_kwargs": {"swap_space": 8}}
+
+
+def test_vllm_engine_flags_reach_make_backend(synth_root, tiny_qwen2_vl, tmp_path, monkeypatch):
+    import eval.icl_end2end as e2e
+    import data_builders.rda as rda
+
+    seen: list[tuple[str, dict]] = []
+
+    def fake_make_backend(kind, **kw):
+        seen.append((kind, kw))
+        return make_backend("oracle", dataset_root=synth_root)  # answers from here on, as a stand-in
+
+    monkeypatch.setattr(e2e, "make_backend", fake_make_backend)
+    argv = ["--dataset-root", str(synth_root), "--dataset", "synthpedes", "--retriever", "synth-bow", "--out",
+            str(tmp_path / "v"), "--no-progress", "--no-plots", "--xi-sweep", "--mllm", "vllm", "--model",
+            str(tiny_qwen2_vl), *VLLM_FLAGS]
+    res = e2e.main(argv)
+    kind, kw = seen[0]
+    assert kind == "vllm" and {k: kw[k] for k in VLLM_KW} == VLLM_KW and kw["model"] == str(tiny_qwen2_vl)
+    assert res["config"]["backend_config"]["vllm_engine"] == VLLM_KW
+    assert res["config"]["retriever_moved_to_cpu"] is False  # no CUDA here: nothing to free
+    # only the flags given are passed
+    seen.clear()
+    e2e.build_backend(e2e.build_parser().parse_args(argv[: argv.index("--vllm-gpu-memory-utilization")]), None)
+    assert not set(seen[0][1]) & (set(VLLM_KW) - {"dtype"}) and seen[0][1]["dtype"] == "auto"
+    with pytest.raises(SystemExit, match="error: --vllm-engine-kwargs is not valid JSON"):
+        e2e.main([*argv[:-1], "{swap_space: 8"])
+    with pytest.raises(SystemExit, match="must be a JSON object"):
+        e2e.main([*argv[:-1], "[1, 2]"])
+    # RDA takes the same flags
+    a = rda.parse_args(["--dataset-root", str(synth_root), "--dataset", "cuhk-pedes", "--out", str(tmp_path / "r"),
+                        "--mllm", "vllm", "--model", str(tiny_qwen2_vl), *VLLM_FLAGS])
+    monkeypatch.setattr("mllm_tune.core.backends.make_backend", fake_make_backend)
+    seen.clear()
+    rda.build_backend(a, None)
+    assert seen[0][0] == "vllm" and {k: seen[0][1][k] for k in VLLM_KW} == VLLM_KW
+
+
+def test_release_gpu_moves_the_retriever_to_cpu(synth_root, tiny_clip, tmp_path, monkeypatch):
+    import torch
+
+    from eval.icl_end2end import _Retrieval
+    from mllm_tune.core.pedes import load_split
+
+    split = load_split(synth_root, "cuhk-pedes", "test")
+    r = _Retrieval(str(tiny_clip), synth_root, split.gallery_paths[:4], split.query_texts[:3], tmp_path / "f")
+    before = r.encode_text(["a man in a red coat"])
+    assert r.release_gpu() is False  # CPU only: nothing to do
+    freed = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(True))
+    assert r.release_gpu() is True and freed and r.model.device == torch.device("cpu")
+    assert torch.allclose(r.encode_text(["a man in a red coat"]), before)  # THI can still encode rewrites

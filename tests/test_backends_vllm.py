@@ -188,3 +188,38 @@ def test_tiny_lora_recipe_trains_a_servable_adapter():
 
     recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "tiny_lora.yaml").read_text())
     assert not recipe.get("lora_modules_to_save")
+
+
+def test_hub_id_resolves_to_a_snapshot_and_its_commit(tmp_path, fake_vllm, monkeypatch):
+    """`--mllm vllm --model org/name@rev`: the engine gets the snapshot folder, the identity the commit."""
+    import huggingface_hub
+
+    commit = "a" * 40
+    snap = tmp_path / "hub" / "models--org--tiny" / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps({"image_token_id": IMAGE_TOKEN}))
+    asked = []
+
+    def fake_download(repo_id, revision=None, **kw):
+        asked.append((repo_id, revision))
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    be = make_backend("vllm", model="org/tiny@v1")
+    be.generate([MLLMRequest("aggr", "x")])
+    assert asked == [("org/tiny", "v1")] and fake_vllm.calls[0][1]["model"] == str(snap)
+    assert be.identity()["model"] == f"org/tiny@{commit}"
+
+
+def test_pixel_budget_is_the_adapters_else_the_training_default(tmp_path, fake_vllm, caplog):
+    adapter = _adapter(tmp_path)
+    (adapter / "processor_config.json").write_text(json.dumps(
+        {"image_processor": {"size": {"shortest_edge": 3136, "longest_edge": 12544}}}))
+    be = make_backend("vllm", model=_model(tmp_path), adapter=adapter)
+    assert be.engine_kwargs_used()["mm_processor_kwargs"] == {"min_pixels": 3136, "max_pixels": 12544}
+    assert be.engine_settings()["pixel_budget"]["source"].startswith("adapter")
+    plain = make_backend("vllm", model=_model(tmp_path))
+    assert plain.engine_kwargs_used()["mm_processor_kwargs"] == {"min_pixels": 50176, "max_pixels": 50176}
+    with caplog.at_level("WARNING"):
+        make_backend("vllm", model=_model(tmp_path), adapter=adapter, max_pixels=50176)
+    assert "differs from the one adapter" in caplog.text  # inference would not see what training saw

@@ -10,9 +10,6 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # -- tests against a real vLLM engine (tests/test_vllm_real.py; `make test-vllm` runs them) --------
-_VLLM_SKIPPED: list[str] = []
-
-
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "vllm_real: needs a real vLLM engine (`make test-vllm` runs these in .venv-vllm)")
 
@@ -22,16 +19,11 @@ def pytest_collection_modifyitems(config, items) -> None:
 
     real = [item for item in items if item.get_closest_marker("vllm_real")]
     if real and importlib.util.find_spec("vllm") is None:  # find_spec: no 9-s import just to know
-        skip = pytest.mark.skip(reason="vLLM is not importable here (make test-vllm)")
+        # one reason for all: -ra (pyproject addopts) folds them into one summary line
+        skip = pytest.mark.skip(reason="vLLM is not importable in this venv; `make test-vllm` runs these against "
+                                       "a real engine in .venv-vllm")
         for item in real:
             item.add_marker(skip)
-            _VLLM_SKIPPED.append(item.nodeid)
-
-
-def pytest_terminal_summary(terminalreporter) -> None:
-    if _VLLM_SKIPPED:
-        terminalreporter.write_line(f"vllm_real: {len(_VLLM_SKIPPED)} tests skipped, vLLM is not importable in "
-                                    "this venv; `make test-vllm` runs them against a real engine in .venv-vllm")
 
 
 @pytest.fixture(scope="session")

@@ -35,8 +35,9 @@ logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
 
-# Elements of one chunk x G block; 2**22 scores = 16 MiB per temporary (more saves no time).
-_DEFAULT_BLOCK = 1 << 22
+# Elements of one chunk x G block: 2**24 scores = 64 MiB per temporary (fewer, larger blocks keep
+# the per-operation overhead of a busy machine small; about 260 MB of buffers in all).
+_DEFAULT_BLOCK = 1 << 24
 # Value bins per row: about G/4 (so a positive's bin holds a few other scores), at most 4,096.
 _MAX_BINS = 4096
 
@@ -301,7 +302,7 @@ def rank_metrics(
     """R@k, mAP and mINP (x100) of a queries x gallery similarity matrix (SPEC §3).
 
     Accepts torch tensors (any device), numpy arrays or lists. ``chunk_size`` is the number of
-    query rows processed at once (default: about 4M scores per block, at most 4,094 rows). Raises
+    query rows processed at once (default: about 16M scores per block, at most 4,094 rows). Raises
     ``ValueError`` on a shape mismatch, non-finite scores, or a query whose identity has no image
     in the gallery. Ties: equal scores are ordered by ascending gallery index (a stable
     descending sort).

@@ -168,9 +168,10 @@ class VLLMBackend(MLLMBackend):
         except ValueError as exc:
             raise BackendError(f"vllm backend: {exc}") from None
         self.min_pixels, self.max_pixels = self.pixel_budget.min_pixels, self.pixel_budget.max_pixels
-        self.dtype = dtype
+        self.dtype = dtype or "auto"
         self._config = _model_config(self.model_path)
-        self.max_model_len_source = "explicit" if max_model_len is not None else "derived"
+        explicit_len = max_model_len is not None or "max_model_len" in self.engine_kwargs
+        self.max_model_len_source = "explicit" if explicit_len else "derived"
         if max_model_len is None and "max_model_len" not in self.engine_kwargs:
             max_model_len = derived_max_model_len(self._config, self.max_pixels, max(self.max_new_tokens.values()))
         self.settings: dict[str, Any] = {

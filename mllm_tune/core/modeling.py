@@ -106,7 +106,7 @@ def _looks_local(name: str) -> bool:
     return False
 
 
-def check_model_source(name: str, what: str = "model") -> None:
+def check_model_source(name: str, what: str = "model", need_config: bool = True) -> None:
     """Fail early, naming the path, when `name` is meant as a local folder and is not one.
 
     transformers reports a missing folder as an invalid hub repo id; this says what is wrong.
@@ -115,7 +115,7 @@ def check_model_source(name: str, what: str = "model") -> None:
     if path.exists():
         if not path.is_dir():
             raise ModelSetupError(f"{what} {name} is a file; pass the model folder (the one holding config.json)")
-        if not (path / "config.json").is_file():
+        if need_config and not (path / "config.json").is_file():  # processors also load from adapter folders
             raise ModelSetupError(f"{what} folder {name} has no config.json: not a saved model; pass the folder "
                                   "written by save_pretrained (or a hub id such as Qwen/Qwen2-VL-7B-Instruct)")
         return
@@ -163,7 +163,7 @@ def load_processor(path: str, revision: str = "main", min_pixels: int | None = N
                    max_pixels: int | None = None, trust_remote_code: bool = False):
     from transformers import AutoProcessor
 
-    check_model_source(path)
+    check_model_source(path, need_config=False)
     try:
         processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as exc:

@@ -74,7 +74,7 @@ def _compare(name, make_backend_fn, sv, gal, S, xi, cache_root: Path, batch_size
 # -- part 2: THI + reporting at ICFG-PEDES test size -------------------------------------------
 
 ICFG = {"queries": 19848, "gallery": 19848, "ids": 1000, "dim": 64}
-ICFG_SMOKE = {"queries": 300, "gallery": 300, "ids": 40, "dim": 64}
+ICFG_SMOKE = {"queries": 120, "gallery": 120, "ids": 30, "dim": 64}
 LAMBDAS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 XI, XI_SWEEP = 0.55, (0.45, 0.5, 0.6, 0.65)
 _TAG = re.compile(r"\[p(\d+)\]")

@@ -222,7 +222,8 @@ def _split_argv(argv: list[str]) -> tuple[Path | None, list[str]]:
 
 def load_recipe(path: Path) -> dict:
     if not path.is_file():
-        raise RecipeError(f"recipe {path} does not exist")
+        raise RecipeError(f"recipe {path} does not exist; pass a recipe YAML such as recipes/qwen_lora.yaml "
+                          "(see recipes/)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:

@@ -91,12 +91,15 @@ def test_hf_adapter_mismatch_and_bad_paths(yes_adapter, tmp_path):
         make_backend("hf", model=other, adapter=tmp_path / "wider")
 
 
-def test_hf_end_to_end_harness(synth_root, tiny_qwen2_vl, yes_adapter, tmp_path):
+def test_hf_end_to_end_harness(synth_root, tiny_qwen2_vl, tiny_clip, yes_adapter, tmp_path):
     from eval.icl_end2end import main
 
-    argv = ["--dataset-root", str(synth_root), "--dataset", "synthpedes", "--retriever", "synth-bow",
+    # a real (tiny) CLIP retriever: the random MLLM's rewritten queries share no word with the
+    # synth-bow vocabulary, whose all-zero rows the plugin check refuses; ξ = -1 lets every round-0
+    # Yes refine whatever the random CLIP's similarities are
+    argv = ["--dataset-root", str(synth_root), "--dataset", "synthpedes", "--retriever", str(tiny_clip),
             "--mllm", "hf", "--model", str(tiny_qwen2_vl), "--adapter", str(yes_adapter), "--adapter-only-loc",
-            "--max-new-tokens", "8", "--rounds", "3", "--out", str(tmp_path / "o"), "--no-progress",
+            "--max-new-tokens", "8", "--rounds", "3", "--xi", "-1", "--out", str(tmp_path / "o"), "--no-progress",
             "--xi-sweep", "--no-plots"]
     res = main(argv)
     assert res["complete"] and not any("oracle" in n for n in res["simulation_notes"])

@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     try:
         return merge_adapter(args.adapter, args.out, args.base, args.dtype)
     except (MergeError, ModelSetupError) as exc:  # one line, no traceback
-        raise SystemExit(f"error: {exc}") from None
+        raise SystemExit("error: " + " ".join(str(exc).split())) from None
 
 
 if __name__ == "__main__":

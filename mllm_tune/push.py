@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     try:
         url = push_adapter(args.adapter, args.repo_id, args.token, args.private, args.endpoint, args.revision)
     except PushError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise SystemExit("error: " + " ".join(str(exc).split())) from None
     print(url)
     return url
 

@@ -313,7 +313,9 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     try:
         data = load_pedes(cfg.dataset_root, cfg.dataset)
     except (FileNotFoundError, PedesFormatError) as exc:
-        raise RetrieverTrainError(f"--dataset-root {cfg.dataset_root}: {exc}") from None
+        fix = "" if "pass " in str(exc) else (f"; pass --dataset-root, the folder that holds the {cfg.dataset} "
+                                              "annotation file and its images")
+        raise RetrieverTrainError(f"--dataset-root {cfg.dataset_root}: {exc}{fix}") from None
     retriever = _load_model(cfg, acc.device)
     if not isinstance(retriever, CLIPRetriever):
         raise RetrieverTrainError(f"--model {cfg.model}: only CLIP retrievers (CLIP folders, irra:) can be fine-tuned here")
@@ -575,7 +577,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     try:
         main(argv)
     except RetrieverTrainError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, even for multi-line causes
         return 2
     return 0
 

@@ -440,7 +440,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     try:
         main(argv)
     except (RecipeError, CheckpointError, ModelSetupError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, even for multi-line causes
         return 2
     return 0
 

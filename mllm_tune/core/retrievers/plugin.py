@@ -3,7 +3,7 @@
 A plugin spec ``mypkg.mymodel:build?ckpt=PATH`` imports ``mypkg.mymodel``, calls
 ``build(ckpt="PATH")`` (option values arrive as strings) and expects an object following
 :class:`RetrieverLike`. What THI and the miner use of it is checked on every call (2-D float
-rows, one per input, L2-normalised, image and text features of one width), so a bad plugin fails
+rows, one per input, L2-normalised (all-zero rows allowed), image and text features of one width), so a bad plugin fails
 with its spec named instead of giving silently wrong rankings. Short names in :data:`ALIASES`
 stand for plugin specs; the SynthPEDES bag-of-words stand-in (``synth-bow``) is one, so the real
 pipeline reaches the simulation by name only.
@@ -109,8 +109,11 @@ class CheckedRetriever:
         if feats.ndim != 2 or feats.shape[0] != n:
             raise RetrieverLoadError(f"{where} returned shape {tuple(feats.shape)} for {n} inputs; expected ({n}, dim)")
         feats = feats.float()
-        if n and not torch.allclose(feats.norm(dim=1), torch.ones(n), atol=NORM_TOL):
-            worst = float((feats.norm(dim=1) - 1).abs().max())
+        norms = feats.norm(dim=1)
+        # an all-zero row (a text with nothing the model knows) has no direction to normalise: allowed
+        off = (norms - 1).abs().masked_fill(norms == 0, 0)
+        if n and bool((off > NORM_TOL).any()):
+            worst = float(off.max())
             raise RetrieverLoadError(f"{where} returned rows that are not L2-normalised (norm off by up to {worst:.3g}); "
                                      "normalise them (torch.nn.functional.normalize(x, dim=-1))")
         if self._dim is None:

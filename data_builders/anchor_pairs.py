@@ -192,7 +192,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                  description="Mine Z+/Z- anchor-localization pairs from a training split.")
     ap.add_argument("--dataset-root", required=True, help="folder holding the annotation file and images")
     ap.add_argument("--dataset", required=True, help="cuhk-pedes, icfg-pedes, rstpreid or ufine6926")
-    ap.add_argument("--retriever", required=True, help="CLIP folder, irra:PATH or rde:PATH")
+    ap.add_argument("--retriever", required=True,
+                    help="CLIP folder, CLIP hub id org/name[@revision] (via the HF cache), irra:PATH or rde:PATH")
     ap.add_argument("--out", required=True, help="output folder (the save_to_disk dataset goes in it directly)")
     ap.add_argument("--top-k", type=int, default=d.top_k, help="negatives come from the caption's top-k")
     ap.add_argument("--negatives-per-caption", type=int, default=d.negatives_per_caption)

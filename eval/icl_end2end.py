@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--target", default=None, help="label: dataset evaluated on (default: --dataset)")
     m = ap.add_argument_group("models")
     m.add_argument("--retriever", required=True,
-                   help=f"CLIP folder, irra:PATH, rde:PATH, module:factory?k=v, or '{SYNTH_BOW}' (SynthPEDES stand-in, a simulation)")
+                   help=f"CLIP folder or hub id org/name[@rev], irra:PATH, rde:PATH, module:factory?k=v, or '{SYNTH_BOW}' "
+                        "(SynthPEDES stand-in, a simulation)")
     m.add_argument("--feature-cache", default=None, help="retriever feature cache folder (default OUT/features)")
     m.add_argument("--mllm", choices=BACKEND_KINDS, required=True)
     m.add_argument("--model", default=None,
@@ -101,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"image budget, largest area (default: the adapter's, else {DEFAULT_MAX_PIXELS})")
     m.add_argument("--dtype", default="auto", help="hf/vllm weights dtype (auto, float32, bfloat16)")
     add_vllm_engine_flags(m)
-    m.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="openai: server URL")
+    m.add_argument("--base-url", default="http://127.0.0.1:8000/v1",
+                   help="openai: server URL. Start vLLM with the training image budget: --mm-processor-kwargs "
+                        + "'{\"min_pixels\":50176,\"max_pixels\":50176}'")
     m.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: environment variable holding the key")
     m.add_argument("--concurrency", type=int, default=8, help="openai: parallel requests")
     m.add_argument("--oracle-error-rate", type=float, default=0.0)

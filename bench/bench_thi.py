@@ -210,10 +210,11 @@ def run_icfg(smoke: bool = False) -> dict:
 
     size = ICFG_SMOKE if smoke else ICFG
     with tempfile.TemporaryDirectory() as d:
+        # a child that dies (killed for memory) must end the benchmark, not hang it
         new = measure(icfg_setup, icfg_work, size["queries"], size["gallery"], size["ids"], size["dim"], d + "/a",
-                      isolate=not smoke)
+                      isolate=not smoke, timeout=3600)
         legacy = measure(icfg_setup, icfg_legacy_reporting, size["queries"], size["gallery"], size["ids"], size["dim"],
-                         d + "/b", isolate=not smoke)
+                         d + "/b", isolate=not smoke, timeout=3600)
     r, lg = new["result"], legacy["result"]
     same = all(r["last"][k] == lg["last"][k] for k in lg["last"])  # bitwise: the same floats
     s_mb = size["queries"] * size["gallery"] * 4 / 2**20

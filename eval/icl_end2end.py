@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dataset", default="cuhk-pedes", help="cuhk-pedes, icfg-pedes, rstpreid, ufine6926, synthpedes")
     d.add_argument("--split", default="test", help="split whose images form the gallery")
     d.add_argument("--query-split", default=None, help="split whose captions are the queries (default: --split)")
-    d.add_argument("--source", default=None, help="label: dataset the retriever/adapter were trained on")
+    d.add_argument("--source", "--retriever-trained-on", dest="source", default=None,
+                   help="dataset the retriever/adapter were trained on (default: from an irra:/rde: run's configs.yaml "
+                        "or a saved retriever folder's retriever.json, when they say)")
     d.add_argument("--target", default=None, help="label: dataset evaluated on (default: --dataset)")
     m = ap.add_argument_group("models")
     m.add_argument("--retriever", required=True,
@@ -247,17 +249,70 @@ def format_table(res: dict) -> str:
         rows.append(f"| {'+ THI round ' + str(r['round']):<22} | " + " | ".join(f"{r[k]:>6.2f}" for k in METRIC_KEYS)
                     + f" | {r['refined']:>7} |")
     c = res["config"]
-    title = (f"{c['target']} ({c['split']}): {res['num_queries']} queries x {res['num_gallery']} images, "
+    data = (f"{c['source']} -> {c['target']}" if c.get("source") and c["source"] != c["target"]
+            else c["target"])  # a cross-domain run (Tables 3-4) says so in its title
+    title = (f"{data} ({c['split']}): {res['num_queries']} queries x {res['num_gallery']} images, "
              f"retriever {c['retriever_short']}, MLLM {c['mllm']}, K={c['rounds']} ξ={c['xi']} λ={c['lambda']} "
-             f"gate={c['gate']}{' exhaustive' if c['exhaustive'] else ''}"
-             + (f", source {c['source']}" if c.get("source") else ""))
+             f"gate={c['gate']}{' exhaustive' if c['exhaustive'] else ''}")
     lines = [title]
     if res["simulated"]:
         lines.insert(0, " | ".join(res["simulation_notes"]))
     calls = res["calls"]
     lines += rows + [f"MLLM calls asked: loc {calls['loc']}, vqa {calls['vqa']}, aggr {calls['aggr']}; "
                      f"sent to the backend {sum(res['backend_calls'].values())}, cache hits {sum(res['cache_hits'].values())}"]
+    if res.get("peer_metrics"):
+        lines += ["", peer_table(res)]
+    if res.get("paper_comparison"):
+        lines += ["", res["paper_comparison"].rstrip()]
     return "\n".join(lines)
+
+
+def peer_table(res: dict) -> str:
+    """What interactive-retrieval papers report, per round, plus MLLM calls and time per query."""
+    keys = ("Hits@1", "Hits@5", "Hits@10", "mFR", "BRI")
+    head = "| round | " + " | ".join(keys) + " | MLLM calls / query (cumulative) |"
+    lines = ["Interactive-retrieval metrics (Hits@K cumulative over rounds; mFR = mean 1-based rank of the first "
+             "match; BRI = PlugIR's best log-rank integral, lower is better):", head, "|" + "---|" * (len(keys) + 2)]
+    cum = {c["round"]: c["cumulative_per_query"] for c in res.get("calls_by_round", [])}
+    for row in res["peer_metrics"]:
+        lines.append(f"| {row['round']} | " + " | ".join(f"{row[k]:.2f}" if k.startswith("Hits") else f"{row[k]:.3f}"
+                                                         for k in keys) + f" | {cum.get(row['round'], 0.0):.3f} |")
+    t = res.get("seconds_per_query", {})
+    if t:
+        lines.append(f"THI seconds per query: {t['mean']:.4f} (mean over the run; {t['per_query']})")
+    return "\n".join(lines)
+
+
+def peer_rounds(res: THIResult, qp: Sequence[int], gp: Sequence[int]) -> list[dict[str, float]]:
+    """Per-round peer metrics (round 0 = base) from first-match ranks; only refined rows are re-ranked."""
+    from eval import peer_metrics
+
+    base = peer_metrics.first_match_ranks(res.base, qp, gp)
+    qpt = torch.as_tensor(list(qp))
+    hist = [base]
+    for r in range(res.config.rounds):
+        ranks = base.clone()
+        if res.gallery_feats is not None:
+            for idx, rows in res.refined_rows(r):
+                ranks[idx] = peer_metrics.first_match_ranks(rows, qpt[idx].tolist(), gp)
+        hist.append(ranks)
+    return peer_metrics.per_round(hist)
+
+
+def calls_by_round(res: THIResult, rounds: list[dict]) -> list[dict[str, Any]]:
+    """MLLM calls asked in each round (T_loc asks, T_vqa per new anchor image in minimal mode, one
+    T_aggr per refined query) and their running total per query, beside R1: the R1-vs-calls curve."""
+    out, seen, cum = [], set(), 0
+    q = max(len(res.decisions), 1)
+    for r in range(res.config.rounds):
+        loc = sum(1 for d in res.decisions if r in d.loc)
+        acc = [d for d in res.decisions if d.refined_round == r]
+        anchors = [d.anchor for d in acc] if res.config.exhaustive else [a for a in dict.fromkeys(d.anchor for d in acc) if a not in seen]
+        seen.update(d.anchor for d in acc)
+        cum += loc + len(anchors) + len(acc)
+        out.append({"round": r + 1, "loc": loc, "vqa": len(anchors), "aggr": len(acc), "cumulative": cum,
+                    "cumulative_per_query": round(cum / q, 4), "R1": rounds[r]["R1"]})
+    return out
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -345,6 +400,8 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
     rounds = []
     for r in range(cfg.rounds):
         rounds.append({"round": r + 1, **_metrics(res.scores(r), qp, gp), "refined": res.refined_count(r)})
+    peer = peer_rounds(res, qp, gp)
+    by_round = calls_by_round(res, rounds)
     t_metrics = time.perf_counter() - t0
     lam_sweep = [{"lambda": lam, **_metrics(res.scores(lam=lam), qp, gp)} for lam in args.lambda_sweep]
 
@@ -371,7 +428,8 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
         notes.append(retrieval.identity)
     config = {
         "dataset": fmt.name, "dataset_root": str(args.dataset_root), "split": gal_view.split,
-        "query_split": q_view.split, "source": args.source, "target": args.target or args.dataset,
+        "query_split": q_view.split, "source": args.source or retriever_trained_on(args.retriever),
+        "target": args.target or args.dataset,
         "retriever": args.retriever, "retriever_identity": retrieval.identity,
         "retriever_short": Path(args.retriever).name or args.retriever,
         "mllm": args.mllm, "model": args.model, "adapter": args.adapter, "adapter_only_loc": args.adapter_only_loc,
@@ -399,6 +457,12 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
         "cache_hits": stats["cache_hits"],
         **({"main_replay_hits": stats["main_replay_hits"]} if shard_stats else {}),
         "xi_sweep_backend_calls": sweep_calls,
+        "peer_metrics": peer,
+        "calls_by_round": by_round,
+        "calls_per_query": {k: round(v / max(Q, 1), 4) for k, v in res.calls.items()},
+        "seconds_per_query": {
+            "mean": round(sum(res.stage_seconds.values()) / max(Q, 1), 6),
+            "per_query": "p50/p95 not measurable: requests are answered in batches across queries"},
         "visual_tokens": visual_token_report(inner),
         "wall_seconds": {
             "retriever_encode": round(retrieval.seconds, 3),
@@ -411,6 +475,7 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
         "lambda_sweep": lam_sweep,
         "xi_sweep": xi_sweep,
     }
+    results["paper_comparison"] = paper_section(results)
     write_decisions(out / "decisions.jsonl", res, q_view, gal_view)
     table = format_table(results)
     (out / "table.md").write_text(table + "\n", encoding="utf-8")
@@ -423,6 +488,35 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
     cached.close()
     _destroy_group()
     return results
+
+
+def retriever_trained_on(spec: str) -> str | None:
+    """The training dataset a retriever says it was trained on: ``dataset_name`` of an IRRA/RDE run's
+    configs.yaml, or ``trained_on`` in a saved retriever folder's retriever.json."""
+    head = spec.split("?", 1)[0]
+    kind, _, rest = head.partition(":")
+    try:
+        if kind.lower() in ("irra", "rde"):
+            from mllm_tune.core.retrievers.irra import read_run_config
+
+            path = Path(rest)
+            name = read_run_config(path / "best.pth" if path.is_dir() else path).get("dataset_name")
+        else:
+            f = Path(head) / "retriever.json"
+            name = json.loads(f.read_text(encoding="utf-8")).get("trained_on") if f.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return str(name).lower() if name else None
+
+
+def paper_section(results: dict) -> str | None:
+    """Our rows beside the paper's for a run on one of its datasets with a family it reports."""
+    from eval.compare_paper import compare, to_markdown
+
+    try:
+        return to_markdown(compare(results))
+    except (ValueError, KeyError):
+        return None  # another dataset (SynthPEDES) or retriever family: `eval.compare_paper --paper-dataset`
 
 
 def backend_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -241,3 +241,20 @@ def test_release_gpu_moves_the_retriever_to_cpu(synth_root, tiny_clip, tmp_path,
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(True))
     assert r.release_gpu() is True and freed and r.model.device == torch.device("cpu")
     assert torch.allclose(r.encode_text(["a man in a red coat"]), before)  # THI can still encode rewrites
+
+
+def test_peer_metrics_calls_per_round_and_cross_domain_title(synth_root, tmp_path):
+    res = main(_argv(synth_root, tmp_path / "p", "--retriever-trained-on", "cuhk-pedes", "--no-plots"))
+    peer = res["peer_metrics"]
+    assert [p["round"] for p in peer] == list(range(len(res["rounds"]) + 1))
+    # Recall@K is Rank-K, round by round; Hits@K never falls; BRI is computed from the same ranks
+    for p, m in zip(peer, [res["base"], *res["rounds"]]):
+        assert p["Recall@1"] == pytest.approx(m["R1"], abs=1e-3) and p["Recall@10"] == pytest.approx(m["R10"], abs=1e-3)
+    hits = [p["Hits@1"] for p in peer]
+    assert hits == sorted(hits) and hits[-1] >= peer[-1]["Recall@1"] and peer[-1]["BRI"] <= peer[0]["BRI"] + 1e-9
+    by_round = res["calls_by_round"]
+    assert by_round[-1]["cumulative"] == sum(res["calls"].values())  # the curve adds up to what THI asked
+    assert res["calls_per_query"]["loc"] == pytest.approx(res["calls"]["loc"] / res["num_queries"], abs=1e-4)
+    table = (tmp_path / "p" / "table.md").read_text()
+    assert table.splitlines()[1].startswith("cuhk-pedes -> synthpedes (test)") and "BRI" in table
+    assert res["config"]["source"] == "cuhk-pedes" and res["paper_comparison"] is None

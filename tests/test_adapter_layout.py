@@ -120,3 +120,15 @@ def test_cli_error_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mllm_tune.adapters", "convert", str(tmp_path / "nope"),
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_hf_backend_loads_an_old_layout_adapter_like_the_new(adapters, synth_root, caplog):
+    from mllm_tune.core.backends import MLLMRequest, make_backend
+    from mllm_tune.core.pedes import load_pedes
+
+    img = str(load_pedes(synth_root, "synthpedes").split("test").gallery_paths[0])
+    reqs = [MLLMRequest("loc", "Is this a man? Answer Yes or No.", img), MLLMRequest("aggr", "Say a colour.")]
+    new = make_backend("hf", model=str(adapters["base"]), adapter=str(adapters["new"]), max_new_tokens=6).generate(reqs)
+    with caplog.at_level("INFO", logger="mllm_tune.adapter_layout"):
+        old = make_backend("hf", model=str(adapters["base"]), adapter=str(adapters["old"]), max_new_tokens=6).generate(reqs)
+    assert old == new and any("old layout" in r.getMessage() for r in caplog.records)

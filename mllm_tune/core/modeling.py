@@ -321,7 +321,10 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
     """Base model + adapter, the way other engineers load it (`PeftModel.from_pretrained`)."""
     from peft import PeftModel
 
+    from mllm_tune.core.adapter_layout import current_layout_dir
+
     base = base or base_model_of_adapter(adapter_dir)
+    adapter_dir = current_layout_dir(adapter_dir)  # old Qwen-VL key layout -> today's (cached copy)
     model = load_model(base, dtype=dtype)
     return PeftModel.from_pretrained(model, str(adapter_dir))
 

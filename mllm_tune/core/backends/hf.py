@@ -205,8 +205,13 @@ class HFBackend(MLLMBackend):
         recorded = cfg.get("base_model_name_or_path")
         if recorded and Path(str(recorded)).name != self.model_path.name:
             logger.warning("adapter %s was trained on '%s', loading it on %s", self.adapter_path, recorded, self.model_path)
+        from mllm_tune.core.adapter_layout import current_layout_dir
+
+        # an adapter saved against the pre-4.52 Qwen-VL layout (model.layers.N) is renamed once
+        # (cached copy, one log line); a current one is used as it is
+        folder = current_layout_dir(self.adapter_path)
         try:
-            peft_model = PeftModel.from_pretrained(model, str(self.adapter_path), is_trainable=False)
+            peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
         except (RuntimeError, ValueError, KeyError) as exc:
             first = " ".join(line.strip() for line in str(exc).splitlines()[:2])
             raise BackendError(f"{hint} ({first[:400]})") from exc
@@ -214,7 +219,7 @@ class HFBackend(MLLMBackend):
         # would make every "tuned" number a base-model number, so insist every saved tensor loaded.
         from peft.utils import load_peft_weights
 
-        saved = load_peft_weights(str(self.adapter_path), device="cpu")
+        saved = load_peft_weights(str(folder), device="cpu")
         have = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
         have_norm = {k.replace(".default", ""): v for k, v in have.items()}
         missing = [k for k in saved if k not in have_norm]

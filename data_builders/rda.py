@@ -97,7 +97,7 @@ def build_groups(
     an empty rewrite to the sub-sentence itself; both are counted.
     """
     from mllm_tune.core.backends import MLLMRequest
-    from mllm_tune.core.prompts import DEFAULT_PROMPTS, split_answer_sentences, split_lines
+    from mllm_tune.core.prompts import DEFAULT_PROMPTS, split_lines
 
     if m < 1:
         raise ValueError(f"m (paraphrases per sub-sentence) must be >= 1, got {m}")
@@ -110,7 +110,7 @@ def build_groups(
     images = list(dict.fromkeys(c.image for c in captions))
     vqa_prompt = prompts.render_vqa()
     vqa = _ask(backend, [MLLMRequest("vqa", vqa_prompt, img) for img in images], batch_size, "RDA 1/4 vqa", progress)
-    facts_of = {img: split_answer_sentences(a) for img, a in zip(images, vqa)}
+    facts_of = {img: prompts.parse_vqa(a) for img, a in zip(images, vqa)}  # ours or the released handling
     counts["images"] = len(images)
     counts["empty_vqa"] = sum(1 for f in facts_of.values() if not f)
 

@@ -223,6 +223,7 @@ def run(
         "limit": limit,
         "backend": identity,
         "backend_config": backend_config,
+        **({"engine_settings": inner.engine_settings()} if hasattr(inner, "engine_settings") else {}),
         "pixel_budget": budget.as_dict() if budget is not None else "not applicable",
         "visual_tokens": visual,
         "simulated": bool(identity.get("simulated", False)),

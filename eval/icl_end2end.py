@@ -435,6 +435,8 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
         "mllm": args.mllm, "model": args.model, "adapter": args.adapter, "adapter_only_loc": args.adapter_only_loc,
         "backend_identity": identity,
         "backend_config": backend_config(args),
+        # the vllm engine's effective settings (derived max_model_len etc.), as it ran
+        **({"engine_settings": inner.engine_settings()} if hasattr(inner, "engine_settings") else {}),
         "retriever_moved_to_cpu": offloaded,
         "pixel_budget": (inner.pixel_budget.as_dict() if getattr(inner, "pixel_budget", None) is not None
                          else "not applicable"),

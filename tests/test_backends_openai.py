@@ -126,3 +126,16 @@ def test_openai_greedy_fields_caps_and_budget(split, caplog):
     assert be.identity()["pixels"]["min"] == 50_176
     plain = make_backend("openai", model="m", greedy_extras=False)
     assert "repetition_penalty" not in plain.sampling_fields() and plain.identity() != be.identity()
+
+
+def test_an_adapter_vllm_cannot_serve_is_refused_before_any_request(tmp_path):
+    import json
+
+    from mllm_tune.core.backends import BackendError, make_backend
+
+    ad = tmp_path / "lora"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                                        "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}))
+    with pytest.raises(BackendError, match="modules_to_save"):
+        make_backend("openai", base_url="http://127.0.0.1:9/v1", model="anchor", adapter=str(ad))

@@ -35,10 +35,10 @@ import random
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
-
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
 
 from .base import (
     BackendError,
@@ -93,6 +93,12 @@ class OpenAIBackend(MLLMBackend):
         self.concurrency = max(1, int(concurrency))
         self.max_new_tokens = max_new_tokens_table(max_new_tokens)
         self.temperature = float(temperature)
+        if adapter is not None and Path(adapter).is_dir():
+            # the adapter the server is meant to serve (--lora-modules): refuse what vLLM cannot load
+            # here, before the first request would kill the server's engine
+            from .adapter_check import assert_servable  # raises UnservableAdapterError (a BackendError)
+
+            assert_servable(adapter, where="openai backend (vLLM server)")
         try:  # the budget the server runs with (documented above); the adapter's when one is named
             self.pixel_budget = resolve_pixel_budget(adapter, min_pixels, max_pixels)
         except ValueError as exc:

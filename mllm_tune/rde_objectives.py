@@ -135,3 +135,62 @@ def clean_set_quality(clean: torch.Tensor | np.ndarray, truly_clean: Sequence[bo
     tp = int((sel & truth).sum())
     return {"precision": tp / max(int(sel.sum()), 1), "recall": tp / max(int(truth.sum()), 1),
             "selected": float(sel.mean()), "truly_clean": float(truth.mean())}
+
+
+# -- the clean set on disk (what the miner reads) -----------------------------------------------
+
+CLEAN_FILE = "clean.json"
+
+
+def write_clean_set(path: str | Path, clean: torch.Tensor | np.ndarray, caption_of_pair: Sequence[int] | np.ndarray,
+                    **info) -> Path:
+    """Save a consensus selection as JSON: ``pair_indices`` (training pairs judged clean; pair i is
+    the i-th caption of the split in annotation order with its own image, or with the caption
+    ``caption_of_pair[i]`` when noise was injected), ``caption_indices`` (the captions those pairs
+    use: indices into ``SplitView.query_texts``), ``num_pairs`` and any extra ``info``."""
+    import json
+
+    sel = np.asarray(clean, dtype=bool)
+    cap = np.asarray(caption_of_pair, dtype=np.int64)
+    if cap.shape != sel.shape:
+        raise ValueError(f"clean mask has {sel.shape[0]} pairs but caption_of_pair has {cap.shape[0]}")
+    pairs = np.flatnonzero(sel)
+    blob = {"format": "rde-consensus-clean-set/1", "num_pairs": int(sel.shape[0]), "num_clean": int(len(pairs)),
+            **info, "pair_indices": pairs.tolist(), "caption_indices": sorted(set(cap[pairs].tolist()))}
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(blob), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def read_clean_set(path: str | Path) -> set[int]:
+    """The caption indices (into the training split's ``query_texts``) of a saved clean set; ``path``
+    is the file or the training output folder that holds ``clean.json``."""
+    import json
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / CLEAN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no RDE clean set; train with `python -m mllm_tune.retriever_train "
+                                "recipes/retriever_rde.yaml ...`, which writes clean.json beside the checkpoint")
+    try:
+        blob = json.loads(path.read_text(encoding="utf-8"))
+        return {int(i) for i in blob["caption_indices"]}
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not an RDE clean-set file ({exc}); expected JSON with 'caption_indices'") from exc
+
+
+def rde_loss(sims: dict[str, torch.Tensor], pids: torch.Tensor, clean: torch.Tensor, gamma: float = 0.0,
+             tau: float = 0.015, margin: float = 0.1) -> dict[str, torch.Tensor]:
+    """RDE's batch loss (+ the ICL RDA term): ``sims`` holds images x texts cosine matrices
+    ``bge``, ``tse`` and optionally ``rda_bge``, ``rda_tse`` (the RDA text under each head).
+    match = sum_i clean_i (TAL_bge_i + TAL_tse_i); rda = the same on the RDA text;
+    total = match + gamma * rda."""
+    match = weighted_tal(sims["bge"], pids, clean, tau, margin) + weighted_tal(sims["tse"], pids, clean, tau, margin)
+    if "rda_bge" in sims:
+        rda = weighted_tal(sims["rda_bge"], pids, clean, tau, margin) + weighted_tal(sims["rda_tse"], pids, clean, tau, margin)
+    else:
+        rda = match.new_zeros(())
+    return {"loss": match + gamma * rda, "match": match, "rda": rda}

@@ -9,6 +9,10 @@ forward+backward pass. Last, the cost of back-propagating the frozen vision towe
 the forward+backward time of one batch on a Qwen2-VL-2B-shaped model (real widths and vocabulary,
 2 text layers, random weights, 224x224 images) with transformers' stock input-gradient hooks
 against `modeling.keep_frozen_vision_out_of_backward`, alternating on the same model and batch.
+Then the SFT input pipeline (issue 16, item 3): row read + image decode, the vision collator and its
+image processor per batch at the 50,176-pixel budget against forward+backward of that 2B-shaped
+model, and how long the training loop waits for a batch with 0 dataloader workers vs sft.py's CUDA
+default while an accelerator step (simulated by a sleep) runs. `--pipeline-only` runs just that.
 """
 
 from __future__ import annotations
@@ -264,6 +268,160 @@ def _vision_backward(work: Path, o: dict) -> dict:
                 **{k: v for k, v in o.items() if k != "shape"}, "widths": "tiny (smoke)" if "shape" in o else "Qwen2-VL-2B"}}
 
 
+# SFT input pipeline (issue 16, item 3): the vision collator on the paper's 50,176-pixel budget,
+# batch 4, against forward+backward of the Qwen2-VL-2B-shaped model (2 text layers, 8 of 32 vision
+# blocks as above), and the main process's wait for a batch with and without dataloader workers
+# while an accelerator step (simulated: the main process sleeps, leaving the CPU to the workers) runs.
+PIPE_FULL = {"text_layers": 2, "vision_depth": 8, "batch": 4, "pixels": 50176, "pairs": 48, "ids": 24,
+             "batches": 8, "reps": 2, "step_ms": (0, 100, 250), "loader_batches": 10}
+PIPE_SMOKE = {"text_layers": 1, "vision_depth": 1, "batch": 1, "pixels": 3136, "pairs": 4, "ids": 6,
+              "batches": 1, "reps": 1, "step_ms": (0,), "loader_batches": 2, "shape": VISION_SMOKE["shape"]}
+
+
+def _mean_ms(xs: list[float]) -> float:
+    return 1000 * sum(xs) / max(len(xs), 1)
+
+
+def _loader_wait(trainer, workers: int, step_s: float, n: int) -> dict:
+    """ms per batch the training loop waits for its next batch from the dataloader sft.py's trainer
+    builds, when each step takes `step_s` seconds of accelerator time (a sleep here: the CPU stays
+    free for the workers, as it does while a GPU computes). The first batch (worker start-up) is
+    not counted."""
+    a = trainer.args
+    a.dataloader_num_workers, a.dataloader_persistent_workers = workers, workers > 0
+    a.dataloader_pin_memory = False  # nothing to pin for without a CUDA device
+    loader = trainer.get_train_dataloader()
+    it = iter(loader)
+    next(it)
+    waits = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        try:
+            next(it)
+        except StopIteration:
+            it = iter(loader)
+            next(it)
+        waits.append(time.perf_counter() - t0)
+        time.sleep(step_s)
+    del it, loader
+    return {"wait_ms": _mean_ms(waits), "all_wait_ms": [round(1000 * w, 1) for w in waits]}
+
+
+def _input_pipeline(work: Path, o: dict) -> dict:
+    """Collator ms per batch and its share of a step for the Qwen2-VL-2B-shaped model, then the
+    main process's wait per batch with 0 workers (before) and sft.py's CUDA default (after)."""
+    import torch
+    from peft import get_peft_model
+
+    from mllm_tune.core import modeling
+    from mllm_tune.sft import build_trainer
+    from mllm_tune.sft_config import available_cpus, loader_defaults, parse_args
+    from synthpedes.dataset import generate
+    from synthpedes.tiny import build_tiny
+
+    sys_path_tests()
+    from sft_fixtures import write_pairs
+
+    generate(work / "synth", num_ids=o["ids"], seed=0, progress=False)
+    # a tiny checkpoint only for its processor (our tokenizer, Qwen2-VL's image processor) at the budget
+    tiny = build_tiny("qwen2_vl", work / "proc_pipe", image_pixels=o["pixels"])
+    data = write_pairs(work / "synth", work / "pairs_pipe", n_train=o["pairs"], n_eval=2)
+    argv = _sft_argv(tiny, data, work / "pipe", {"steps": 1, "batch": o["batch"]})
+    argv += ["--image_min_pixels", str(o["pixels"]), "--image_max_pixels", str(o["pixels"]),
+             "--dataloader_num_workers", "0"]
+    trainer, _ = build_trainer(parse_args(argv))
+    ds, collate, proc = trainer.train_dataset, trainer.data_collator, trainer.processing_class
+    b = o["batch"]
+    groups = [[(k * b + j) % len(ds) for j in range(b)] for k in range(o["batches"] + 1)]
+
+    def timed(threads: int | None) -> dict:
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        fetch, coll, image = [], [], []
+        try:
+            for k, g in enumerate(groups):
+                t0 = time.perf_counter()
+                rows = [ds[i] for i in g]  # row read + PNG decode (datasets.Image)
+                t1 = time.perf_counter()
+                batch = collate([dict(r) for r in rows])  # chat template, tokenizer, image processor, labels
+                t2 = time.perf_counter()
+                proc.image_processor(images=[im for r in rows for im in r["images"]], return_tensors="pt")
+                t3 = time.perf_counter()  # resize + rescale + normalize + patchify alone
+                if k or len(groups) == 1:  # the first batch warms up
+                    fetch.append(t1 - t0), coll.append(t2 - t1), image.append(t3 - t2)
+        finally:
+            torch.set_num_threads(before)
+        return {"fetch_ms": _mean_ms(fetch), "collate_ms": _mean_ms(coll), "image_proc_ms": _mean_ms(image),
+                "batch": batch}
+
+    serial = timed(None)
+    one = timed(1)  # what a dataloader worker runs with (torch sets 1 thread in workers)
+    batch = serial.pop("batch")
+    one.pop("batch")
+    resize = _resize_ms(proc, [ds[i] for i in groups[0]], o)
+
+    # forward + backward of that batch on the 2B-shaped model, LoRA, frozen vision out of the backward
+    model = _qwen2_vl_2b_shaped(proc.tokenizer, o)
+    modeling.keep_frozen_vision_out_of_backward(model)
+    model = get_peft_model(model, modeling.build_lora_config(model, dropout=0.0), autocast_adapter_dtype=False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    walls, cpus = [], []
+    for _ in range(o["reps"]):
+        c0, t0 = time.process_time(), time.perf_counter()
+        model(**batch).loss.backward()
+        walls.append(time.perf_counter() - t0), cpus.append(time.process_time() - c0)
+        model.zero_grad(set_to_none=True)
+    del model
+    fb = 1000 * sorted(walls)[len(walls) // 2]
+    data_ms = serial["fetch_ms"] + serial["collate_ms"]
+
+    cuda_workers = loader_defaults(True, available_cpus())["dataloader_num_workers"]
+    loader = {}
+    for step_ms in o["step_ms"]:
+        for workers in sorted({0, cuda_workers}):
+            r = _loader_wait(trainer, workers, step_ms / 1000, o["loader_batches"])
+            loader[f"{step_ms}ms_{workers}w"] = {**r, "share": r["wait_ms"] / (r["wait_ms"] + step_ms) if r["wait_ms"] + step_ms else 0.0}
+    return {"pipe_fetch_ms": serial["fetch_ms"], "pipe_collate_ms": serial["collate_ms"],
+            "pipe_image_proc_ms": serial["image_proc_ms"], "pipe_resize_ms": resize,
+            "pipe_fetch_ms_1thread": one["fetch_ms"], "pipe_collate_ms_1thread": one["collate_ms"],
+            "pipe_image_proc_ms_1thread": one["image_proc_ms"],
+            "pipe_fwd_bwd_ms": fb, "pipe_all_fwd_bwd_s": [round(w, 2) for w in walls],
+            "pipe_all_fwd_bwd_cpu_s": [round(c, 2) for c in cpus],
+            "pipe_collate_share": serial["collate_ms"] / (data_ms + fb), "pipe_data_share": data_ms / (data_ms + fb),
+            "pipe_tokens_per_batch": int(batch["input_ids"].numel()),
+            "pipe_visual_tokens_per_image": int(batch["image_grid_thw"][0].prod()) // 4,
+            "pipe_cuda_default_workers_here": cuda_workers, "pipe_loader": loader, "pipe_cpus": available_cpus(),
+            "pipe_setup": {**{k: v for k, v in o.items() if k != "shape"},
+                           "widths": "tiny (smoke)" if "shape" in o else "Qwen2-VL-2B"}}
+
+
+def _resize_ms(proc, rows: list, o: dict) -> float:
+    """ms per batch of the resize alone (PIL image -> tensor -> resized tensor, as the processor does)."""
+    from torchvision.transforms.v2 import functional as F
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    ip = proc.image_processor
+    images = [im for r in rows for im in r["images"]]
+    t0 = time.perf_counter()
+    for _ in range(o["batches"]):
+        for im in images:
+            x = F.pil_to_tensor(im.convert("RGB"))
+            h, w = smart_resize(x.shape[1], x.shape[2], factor=ip.patch_size * ip.merge_size,
+                                min_pixels=o["pixels"], max_pixels=o["pixels"])
+            F.resize(x, [h, w], interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+    return 1000 * (time.perf_counter() - t0) / o["batches"]
+
+
+def sys_path_tests() -> None:
+    import sys
+
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+
+
 def run(smoke: bool = False) -> dict:
     import transformers
 
@@ -288,6 +446,7 @@ def run(smoke: bool = False) -> dict:
         ours = sorted(ourss, key=lambda m: m["train_samples_per_second"])[len(ourss) // 2]
         split = _breakdown(model, data, work / "bd", o)
         vis = _vision_backward(work, VISION_SMOKE if smoke else VISION_FULL)
+        pipe = _input_pipeline(work, PIPE_SMOKE if smoke else PIPE_FULL)
 
     p, s = plain["train_samples_per_second"], ours["train_samples_per_second"]
     pm = sorted(m["median_samples_per_second"] for m in plains)[len(plains) // 2]
@@ -303,6 +462,7 @@ def run(smoke: bool = False) -> dict:
         "sft_train_loss": ours.get("train_loss"),
         **split,
         **vis,
+        **pipe,
         "steps": o["steps"],
         "batch": o["batch"],
         "runs_each": len(plains),
@@ -327,9 +487,41 @@ def run(smoke: bool = False) -> dict:
         f"{[round(m['train_samples_per_second'], 2) for m in plains]}, sft.py "
         f"{[round(m['train_samples_per_second'], 2) for m in ourss]}; on a shared CPU single runs vary a lot, "
         "the median step time is the steadier figure. Equal train losses show both runs did the same work."
-        f"\n\n{_vision_markdown(vis)}"
+        f"\n\n{_vision_markdown(vis)}\n\nSFT input pipeline (issue 16, item 3): {_pipeline_markdown(pipe)}"
     )
     return {"title": "LoRA SFT throughput: sft.py vs plain TRL", "markdown": md, "figures": figures}
+
+
+def _pipeline_markdown(p: dict) -> str:
+    o = p["pipe_setup"]
+    t1 = md_table(["per batch (main process, 0 workers)", "ms", "ms with 1 torch thread", "share of step"], [
+        ["row read + PNG decode (datasets.Image)", p["pipe_fetch_ms"], p["pipe_fetch_ms_1thread"],
+         p["pipe_fetch_ms"] / (p["pipe_fetch_ms"] + p["pipe_collate_ms"] + p["pipe_fwd_bwd_ms"])],
+        ["vision collator (template, tokenizer, images, labels)", p["pipe_collate_ms"], p["pipe_collate_ms_1thread"],
+         p["pipe_collate_share"]],
+        ["  of which image processor (resize, rescale, normalize, patchify)", p["pipe_image_proc_ms"],
+         p["pipe_image_proc_ms_1thread"], ""],
+        ["  of which resize alone", p["pipe_resize_ms"], "", ""],
+        [f"forward + backward ({o.get('widths')} shape, CPU)", p["pipe_fwd_bwd_ms"], "", 1 - p["pipe_data_share"]],
+    ])
+    w = p["pipe_cuda_default_workers_here"]
+    rows = []
+    for step_ms in o["step_ms"]:
+        a, b = p["pipe_loader"][f"{step_ms}ms_0w"], p["pipe_loader"].get(f"{step_ms}ms_{w}w")
+        rows.append([step_ms, a["wait_ms"], a["share"], b["wait_ms"] if b else "", b["share"] if b else ""])
+    t2 = md_table(["accelerator step ms (simulated)", "wait ms, 0 workers (before)", "data share before",
+                   f"wait ms, {w} worker(s) (after)", "data share after"], rows)
+    return (
+        f"{o.get('widths')} widths and vocabulary, {o['text_layers']} text layers, {o['vision_depth']} of 32 vision "
+        f"blocks, random weights, LoRA r 8, gradient checkpointing, batch {o['batch']}, {o['pixels']}-pixel budget "
+        f"({p['pipe_visual_tokens_per_image']} visual tokens per image, {p['pipe_tokens_per_batch']} tokens per "
+        f"batch), SynthPEDES pairs (64x128 PNG) through the trainer sft.py builds, fp32 CPU ({p['pipe_cpus']} cores).\n\n"
+        f"{t1}\n\nForward+backward runs (wall s): {p['pipe_all_fwd_bwd_s']}, CPU s {p['pipe_all_fwd_bwd_cpu_s']}.\n\n"
+        f"The training loop's wait for its next batch from `trainer.get_train_dataloader()` while an accelerator "
+        f"step runs (a sleep of that length: the CPU stays free, as while a GPU computes), {o['loader_batches']} "
+        f"batches after the first, 0 workers (the Trainer default, before) vs sft.py's CUDA default on this "
+        f"machine ({w} worker(s), persistent):\n\n{t2}"
+    )
 
 
 def _vision_markdown(v: dict) -> str:
@@ -369,6 +561,15 @@ if __name__ == "__main__":
             vis = _vision_backward(Path(tmp), VISION_SMOKE if "--smoke" in sys.argv else VISION_FULL)
         print(_vision_markdown(vis))
         print(json.dumps(vis, indent=2))
+        sys.exit(0)
+    if "--pipeline-only" in sys.argv:  # just the SFT input pipeline measurement (issue 16, item 3)
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        with tempfile.TemporaryDirectory() as tmp:
+            pipe = _input_pipeline(Path(tmp), PIPE_SMOKE if "--smoke" in sys.argv else PIPE_FULL)
+        print(_pipeline_markdown(pipe))
+        print(json.dumps(pipe, indent=2))
         sys.exit(0)
     res = run(smoke="--smoke" in sys.argv)
     print(res["markdown"])

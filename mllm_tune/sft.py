@@ -356,6 +356,12 @@ def build_trainer(cfg: RunConfig, callbacks: Sequence[Any] | None = None):
             for name, param in model.named_parameters():
                 if modeling.is_vision_module(name):
                     param.requires_grad_(False)
+    if t.dataloader_num_workers > 0:
+        # the collator's tokenizer runs in forked workers: without this each fork warns, and
+        # its thread pool would compete with the other workers (sft_config.loader_defaults)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logger.info("data loading: %d worker(s), pinned memory %s, persistent workers %s", t.dataloader_num_workers,
+                t.dataloader_pin_memory, t.dataloader_persistent_workers)
     cls = make_trainer_class()
     try:
         trainer = cls(

@@ -154,6 +154,60 @@ def device_defaults() -> dict[str, Any]:
     return {"use_cpu": True, "bf16": False, "fp16": False}
 
 
+# The most dataloader workers a process gets by default: one worker makes a batch of 4 at the
+# 50,176-pixel budget (row read, decode, chat template, image processor, labels) in about 0.12 s of
+# one core (bench/RESULTS.md, "SFT input pipeline"), so 4 deliver one every ~30 ms, well under the
+# GPU step time expected of a 2B-7B LoRA step (not measured on a GPU yet).
+MAX_DEFAULT_WORKERS = 4
+
+
+def loader_defaults(cuda: bool, cpus: int | None = None, local_world_size: int = 1) -> dict[str, Any]:
+    """DataLoader settings for a run on CUDA (`cuda`) or on the CPU.
+
+    On CUDA the collator runs in worker processes (up to MAX_DEFAULT_WORKERS per training process,
+    one core per process left to the training loop), kept alive across epochs and evaluations, and
+    batches come from pinned memory with non-blocking copies. On the CPU there is no device to feed
+    and workers only compete with the step for the same cores: 0 workers, no pinning (fast,
+    deterministic tests). Batches are the same either way (tests/test_sft_input_pipeline.py)."""
+    if not cuda:
+        return {"dataloader_num_workers": 0, "dataloader_pin_memory": False}
+    per_process = max(1, (cpus or 1) // max(local_world_size, 1))
+    workers = max(1, min(MAX_DEFAULT_WORKERS, per_process - 1))
+    return {"dataloader_num_workers": workers, "dataloader_pin_memory": True,
+            "dataloader_persistent_workers": True, "non_blocking": True}
+
+
+def available_cpus() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def apply_loader_defaults(training: Any, explicit: set[str]) -> None:
+    """Fill the dataloader fields the recipe and command line left unset (loader_defaults)."""
+    import os
+
+    import torch
+
+    cuda = torch.cuda.is_available() and not training.use_cpu
+    world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    chosen = loader_defaults(cuda, available_cpus(), world)
+    for key in ("dataloader_num_workers", "dataloader_pin_memory"):
+        if key in chosen and key not in explicit:
+            setattr(training, key, chosen[key])
+    if training.dataloader_num_workers > 0 and "dataloader_persistent_workers" not in explicit:
+        # workers (chosen here or by the recipe) outlive an epoch and an evaluation: no re-fork, no
+        # re-pickled dataset and processor each time
+        training.dataloader_persistent_workers = True
+    acc = getattr(training, "accelerator_config", None)
+    if (chosen.get("non_blocking") and training.dataloader_pin_memory and "accelerator_config" not in explicit
+            and hasattr(acc, "non_blocking")):
+        acc.non_blocking = True  # host-to-device copies from pinned memory overlap the step
+
+
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints.get(f.name, f.type) for f in fields(cls) if f.init}
@@ -287,6 +341,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         hint = f" (did you mean '--{close[0]}'?)" if close else ""
         raise RecipeError(f"unknown argument '{flag}'{hint}")
     model, data, vision, lora, training = objs
+    given = {r[2:].split("=")[0] for r in rest if r.startswith("--")}
+    apply_loader_defaults(training, set(recipe) | given)
     cfg = RunConfig(model, data, vision, lora, training, recipe_path, recipe)
     validate(cfg)
     return cfg
@@ -329,7 +385,10 @@ __all__ = [
     "RecipeError",
     "RunConfig",
     "VisionArguments",
+    "apply_loader_defaults",
+    "available_cpus",
     "known_keys",
     "load_recipe",
+    "loader_defaults",
     "parse_args",
 ]

@@ -10,9 +10,11 @@ rewritten query), ``table.md`` and the plots (metrics vs round, λ sweep, ξ swe
 
 Every MLLM answer goes through the on-disk answer cache (default ``OUT/cache``): rerunning the
 same command after a kill resumes without repeating a call. ``accelerate launch -m
-eval.icl_end2end ...`` (or torchrun) shards the queries: every process answers its share into the
-shared cache, then the main process replays Algorithm 1 over all queries from the cache, so the
-numbers are those of a single-process run. With no arguments it runs the embedded default
+eval.icl_end2end ...`` (or torchrun) shards the queries: every process answers its share into its
+own cache file (``shard-RANK.sqlite``), the main process merges them into ``answers.sqlite``
+(atomically) and replays Algorithm 1 over all queries from the cache, so the numbers are those of
+a single-process run (docs/multinode.md). ``--mllm openai`` takes ``--base-url`` several times
+(requests spread over the servers, failover). With no arguments it runs the embedded default
 (``default_args()``): the shipped SynthPEDES demo models on a generated SynthPEDES test split.
 """
 
@@ -41,6 +43,7 @@ from mllm_tune.core.backends import (
     make_backend,
     parse_max_new_tokens,
 )
+from mllm_tune.core.backends.cache import merge_shards, shard_files
 from mllm_tune.core.backends.cli_flags import add_vllm_engine_flags, vllm_engine_options
 from mllm_tune.core.cli_exit import CLIError, check_dataset_root, one_line, user_errors
 from mllm_tune.core.prompts import load_prompts
@@ -104,11 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"image budget, largest area (default: the adapter's, else {DEFAULT_MAX_PIXELS})")
     m.add_argument("--dtype", default="auto", help="hf/vllm weights dtype (auto, float32, bfloat16)")
     add_vllm_engine_flags(m)
-    m.add_argument("--base-url", default="http://127.0.0.1:8000/v1",
-                   help="openai: server URL. Start vLLM with the training image budget: --mm-processor-kwargs "
+    m.add_argument("--base-url", action="append", default=None,
+                   help="openai: server URL (default http://127.0.0.1:8000/v1); give it several times for several "
+                        "servers serving the same model name (failover, docs/multinode.md). Start vLLM with the "
+                        "training image budget: --mm-processor-kwargs "
                         + "'{\"min_pixels\":50176,\"max_pixels\":50176}'")
+    m.add_argument("--base-url-file", default=None, help="openai: file of server URLs, one a line (# comments), "
+                   "added to --base-url")
     m.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: environment variable holding the key")
-    m.add_argument("--concurrency", type=int, default=8, help="openai: parallel requests")
+    m.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight per server")
     m.add_argument("--oracle-error-rate", type=float, default=0.0)
     m.add_argument("--oracle-loc-rule", choices=("consistent", "identity"), default="consistent",
                    help="oracle T_loc: Yes when the caption's facts fit the image (consistent) or when it is the "
@@ -203,10 +210,21 @@ def build_backend(args: argparse.Namespace, prompts) -> MLLMBackend:
             raise CLIError("--mllm openai needs --model (the served model name)")
         # min/max pixels state the server's budget (see the openai backend); the adapter folder, when
         # given, supplies the budget it was trained with
-        kw = dict(base_url=args.base_url, model=args.model, api_key=os.environ.get(args.api_key_env),
+        urls = base_urls(args)
+        kw = dict(base_url=urls[0] if len(urls) == 1 else urls, model=args.model, api_key=os.environ.get(args.api_key_env),
                   concurrency=args.concurrency, max_new_tokens=args.max_new_tokens, min_pixels=args.min_pixels,
                   max_pixels=args.max_pixels, adapter=args.adapter if args.adapter and Path(args.adapter).is_dir() else None)
     return make_backend(args.mllm, **kw)
+
+
+def base_urls(args: argparse.Namespace) -> list[str]:
+    """The openai servers of the run: every --base-url, then the lines of --base-url-file."""
+    from mllm_tune.core.backends.openai_compat import read_url_file
+
+    urls = list(getattr(args, "base_url", None) or [])
+    if getattr(args, "base_url_file", None):
+        urls += read_url_file(args.base_url_file)
+    return urls or ["http://127.0.0.1:8000/v1"]
 
 
 def check_positives(qpids: Sequence[int], gpids: Sequence[int], where: str) -> None:
@@ -333,6 +351,12 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
         for stale in ("results.json", "table.md"):
             (out / stale).unlink(missing_ok=True)
         _write_json(out / "run_state.json", {"status": "running", "argv": sys.argv, "started": time.time()})
+        # the shard files a killed sharded run left (any number of processes) join the merged cache
+        # before any process reads it, so a resumed run never asks them again
+        merged_at_start = merge_shards(cache_dir) if (world > 1 or shard_files(cache_dir)) else None
+        if merged_at_start and merged_at_start["shards"]:
+            logger.info("answer cache: merged %d shard file(s) of an earlier run into %s (%d answers)",
+                        merged_at_start["shards"], merged_at_start["merged_into"], merged_at_start["rows"])
 
     try:
         fmt = dataset_format(args.dataset)
@@ -357,7 +381,8 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
                            Path(args.feature_cache) if args.feature_cache else out / "features")
     if state is not None and is_main:
         state.wait_for_everyone()
-    cached = CachedBackend(inner, cache_dir)
+    # one cache file per process when sharded (safe on a network file system), else answers.sqlite
+    cached = CachedBackend(inner, cache_dir, shard=rank if world > 1 else None)
     offloaded = bool(args.mllm == "vllm" and backend is None and retrieval.release_gpu())
     cfg = THIConfig(rounds=args.rounds, xi=xi, lam=args.lam, gate=args.gate, exhaustive=args.exhaustive,
                     batch_size=args.batch_size)
@@ -366,19 +391,25 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
 
     shard_stats: list[dict] = []
     if world > 1:
-        # every process answers its share of the queries into the shared cache ...
+        # every process answers its share of the queries into its own cache file ...
         idx = list(range(rank, Q, world))
         part = run_thi(S[idx], [q_view.query_texts[i] for i in idx], gal_view.gallery_paths, cached, None, None,
                        cfg, prompts, progress=progress and is_main)
         _write_json(out / f"shard_{rank}.json", {"rank": rank, "queries": len(idx), **cached.stats(),
-                                                 "stage_seconds": part.stage_seconds})
+                                                 "stage_seconds": part.stage_seconds,
+                                                 **_server_report(inner)})
+        cached.close_cache()  # written and closed before the main process merges it
         state.wait_for_everyone()
         if not is_main:
-            cached.close()
+            inner.close()
             _destroy_group()
             return {}
         shard_stats = [json.loads((out / f"shard_{r}.json").read_text()) for r in range(world)]
-        cached.reset_counters()
+        # ... the main process merges every shard into answers.sqlite (atomically) ...
+        merged = merge_shards(cache_dir)
+        logger.info("answer cache: merged %d shard file(s) into %s (%d answers)", merged["shards"],
+                    merged["merged_into"], merged["rows"])
+        cached = CachedBackend(inner, cache_dir)
     # ... and the main process runs Algorithm 1 over all queries (from the cache when sharded)
     res = run_thi(S, q_view.query_texts, gal_view.gallery_paths, cached, retrieval.encode_text, retrieval.gallery,
                   cfg, prompts, progress=progress)
@@ -458,6 +489,9 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
         "backend_calls": stats["backend_calls"],
         "cache_hits": stats["cache_hits"],
         **({"main_replay_hits": stats["main_replay_hits"]} if shard_stats else {}),
+        **_server_report(inner),
+        **({"servers_by_process": {s["rank"]: s["servers"] for s in shard_stats if "servers" in s}}
+           if shard_stats else {}),
         "xi_sweep_backend_calls": sweep_calls,
         "peer_metrics": peer,
         "calls_by_round": by_round,
@@ -527,7 +561,15 @@ def backend_config(args: argparse.Namespace) -> dict[str, Any]:
                            "max_pixels": args.max_pixels, "dtype": args.dtype}
     if args.mllm == "vllm":
         cfg["vllm_engine"] = vllm_engine_options(args)
+    if args.mllm == "openai":
+        cfg["base_urls"] = base_urls(args)
     return cfg
+
+
+def _server_report(backend: MLLMBackend) -> dict[str, Any]:
+    """Requests, errors, retries and seconds lost per server (openai backend), else nothing."""
+    stats = getattr(backend, "server_stats", None)
+    return {"servers": stats()} if callable(stats) else {}
 
 
 def visual_token_report(backend: MLLMBackend) -> dict[str, Any]:

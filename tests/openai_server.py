@@ -3,7 +3,11 @@
 Used by the openai backend tests: ``OracleServer(dataset_root)`` starts in a thread on a free
 port; images arrive as base64 data URLs and are matched to SynthPEDES files by their bytes; the
 task is recognised from the prompt. ``fail_first`` makes the first N completions answer 503 to
-exercise retries. Run by hand: ``python tests/openai_server.py DATASET_ROOT [PORT]``.
+exercise retries. Faults for the failover tests: ``fail_every`` (every completion answers HTTP 500
+while set), ``hang`` (seconds a completion sleeps before answering: past the client's timeout),
+``die_after`` (after N answered completions the server dies: the listener closes and requests in
+flight get no reply) and :meth:`kill`. ``answered`` lists the (prompt, image) of every completion
+it really sent back. Run by hand: ``python tests/openai_server.py DATASET_ROOT [PORT]``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 import json
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -23,13 +28,18 @@ from mllm_tune.core.prompts import DEFAULT_PROMPTS
 
 class OracleServer:
     def __init__(self, dataset_root: str | Path, model: str = "oracle", port: int = 0, fail_first: int = 0,
-                 loc_rule: str = "identity") -> None:
+                 loc_rule: str = "identity", fail_every: bool = False, hang: float = 0.0,
+                 die_after: int | None = None) -> None:
         self.oracle = OracleBackend(dataset_root, loc_rule=loc_rule)
         self.model = model
         self.by_hash = {hashlib.sha256(p.read_bytes()).hexdigest(): str(p)
                         for p in (Path(dataset_root) / "imgs").rglob("*.png")}
         self.fail_left = fail_first
         self.completions = 0
+        self.fail_every, self.hang, self.die_after = fail_every, float(hang), die_after
+        self.dead = False
+        self.answered: list[tuple[str, str | None]] = []
+        self.failed = 0  # completions answered with an error (503/500) or left hanging
         self.lock = threading.Lock()
         server = self
 
@@ -53,14 +63,32 @@ class OracleServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if server.dead:  # a dead server's requests in flight get no reply
+                    self.close_connection = True
+                    return
                 with server.lock:
-                    if server.fail_left > 0:
-                        server.fail_left -= 1
-                        return self._send(503, {"error": "busy, retry"})
-                    server.completions += 1
+                    if server.fail_left > 0 or server.fail_every:
+                        server.fail_left = max(0, server.fail_left - 1)
+                        server.failed += 1
+                        return self._send(503 if not server.fail_every else 500, {"error": "busy, retry"})
+                if server.hang:
+                    with server.lock:
+                        server.failed += 1
+                    time.sleep(server.hang)
+                    self.close_connection = True
+                    return
                 if body.get("model") != server.model:
                     return self._send(404, {"error": f"model {body.get('model')} not served"})
-                answer = server.answer(body["messages"][-1]["content"])
+                content = body["messages"][-1]["content"]
+                answer = server.answer(content)
+                with server.lock:
+                    if server.dead:
+                        self.close_connection = True
+                        return
+                    server.completions += 1
+                    server.answered.append(server.key(content))
+                    if server.die_after is not None and server.completions >= server.die_after:
+                        server.kill()
                 self._send(200, {"object": "chat.completion", "model": server.model, "choices": [
                     {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}]})
 
@@ -83,13 +111,32 @@ class OracleServer:
             task = "vqa" if prompt == DEFAULT_PROMPTS.render_vqa() else "loc"
         return self.oracle.generate([MLLMRequest(task, prompt, image)])[0]
 
+    def key(self, content: list[dict]) -> tuple[str, str | None]:
+        image, prompt = None, ""
+        for part in content:
+            if part["type"] == "image_url":
+                image = hashlib.sha256(part["image_url"]["url"].encode()).hexdigest()[:16]
+            elif part["type"] == "text":
+                prompt = part["text"]
+        return prompt, image
+
+    def kill(self) -> None:
+        """Die now: refuse new connections (the listener closes) and answer nothing in flight."""
+        self.dead = True
+        threading.Thread(target=self._stop, daemon=True).start()  # shutdown() must not run in a handler
+
+    def _stop(self) -> None:
+        if self.thread.is_alive():
+            self.httpd.shutdown()
+        self.httpd.server_close()
+
     def __enter__(self) -> "OracleServer":
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.dead = True
+        self._stop()
 
 
 if __name__ == "__main__":

@@ -4,9 +4,19 @@ Key = SHA-256 of (backend identity, task, prompt, image content hash). The ident
 model, the adapter's content hash and the decoding settings, so a changed model or adapter never
 reuses an old answer, and a moved image with the same bytes still hits.
 
-Storage is one SQLite file (``answers.sqlite``) in write-ahead-log mode: each batch of new
-answers is committed in one transaction, so a killed run loses at most the batch in flight and
-never leaves a torn entry; several processes (``accelerate launch``) can share the folder.
+Storage (docs/multinode.md): one SQLite file per writer, each batch of new answers committed in one
+transaction, so a killed run loses at most the batch in flight and never leaves a torn entry.
+
+- ``answers.sqlite``: the cache of a single-process run (write-ahead-log mode on a local disk) and
+  the merged cache of a sharded one.
+- ``shard-RANK.sqlite``: under ``accelerate launch`` / torchrun each process writes its own file
+  (rollback journal, no shared memory, one writer: safe on NFS/Lustre/GPFS, where SQLite's WAL mode
+  is not) and reads the merged ``answers.sqlite`` of earlier runs read-only. The main process then
+  merges every shard into ``answers.sqlite`` atomically (:func:`merge_shards`: a temporary file,
+  then ``os.replace``), also at the start of a run, so a run resumed with any number of processes
+  reuses every shard's answers.
+
+``python -m mllm_tune.core.backends.cache merge OUT IN...`` merges caches (files or folders) by hand.
 """
 
 from __future__ import annotations
@@ -14,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sqlite3
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -48,6 +60,116 @@ def request_key(ident_hash: str, req: MLLMRequest) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+SHARED_NAME = "answers.sqlite"
+NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb", "smb2", "smb3", "smbfs", "lustre", "gpfs", "beegfs",
+                        "ceph", "glusterfs", "9p", "afs", "panfs", "wekafs"})
+
+
+def shard_name(rank: int) -> str:
+    return f"shard-{int(rank)}.sqlite"
+
+
+def shard_files(cache_dir: str | Path) -> list[Path]:
+    """The per-process cache files of a folder, by rank."""
+    found = [p for p in Path(cache_dir).glob("shard-*.sqlite") if p.stem.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.stem.split("-", 1)[1]))
+
+
+def filesystem_type(path: str | Path, mounts: str | None = None) -> str | None:
+    """The file-system type of the mount holding ``path`` (longest matching mount point in
+    ``/proc/mounts``, or the ``mounts`` text given); None when it cannot be told."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+    target = os.path.realpath(os.path.abspath(path))  # also for a folder not created yet
+    best, fstype = -1, None
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/") or point == "/"
+        if inside and len(point) > best:
+            best, fstype = len(point), parts[2]
+    return fstype
+
+
+def is_network_fs(fstype: str | None) -> bool:
+    return bool(fstype) and (fstype in NETWORK_FS or fstype.startswith("fuse."))  # type: ignore[union-attr]
+
+
+def _checkpoint(path: Path) -> None:
+    """Fold a WAL file back into ``path`` and leave it in rollback-journal mode (no -wal/-shm)."""
+    con = sqlite3.connect(path, timeout=120, isolation_level=None)
+    try:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        con.execute("PRAGMA journal_mode=DELETE")
+    finally:
+        con.close()
+
+
+def merge_caches(out: str | Path, inputs: Sequence[str | Path]) -> int:
+    """Merge answer-cache files (or folders: their answers.sqlite and shard files) into ``out``,
+    atomically: everything is written to a temporary file next to ``out`` that replaces it with
+    ``os.replace``, so a kill mid-merge leaves the old ``out`` whole. ``out`` itself, when it
+    exists, is kept (its answers win over equal keys). Returns the rows of the merged file.
+    Nothing may write to ``out`` or the inputs meanwhile."""
+    out = Path(out)
+    files: list[Path] = []
+    for src in [out, *map(Path, inputs)]:
+        group = ([src / SHARED_NAME] + shard_files(src)) if src.is_dir() else [src]
+        for f in group:
+            if f.is_file() and f.resolve() not in {g.resolve() for g in files}:
+                files.append(f)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.merge-{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    con = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        con.executescript(_SCHEMA)
+        for f in files:
+            if f == out:
+                _checkpoint(f)  # a single-process run's WAL folded in before it is read
+            con.execute("ATTACH DATABASE ? AS src", (str(f),))
+            try:
+                tables = {r[0] for r in con.execute("SELECT name FROM src.sqlite_master WHERE type='table'")}
+                con.execute("BEGIN")
+                if "answers" in tables:
+                    con.execute("INSERT OR IGNORE INTO main.answers SELECT * FROM src.answers")
+                if "identities" in tables:
+                    con.execute("INSERT OR IGNORE INTO main.identities SELECT * FROM src.identities")
+                con.execute("COMMIT")
+            finally:
+                con.execute("DETACH DATABASE src")
+        rows = int(con.execute("SELECT COUNT(*) FROM answers").fetchone()[0])
+    finally:
+        con.close()
+    with open(tmp, "rb") as fh:  # on disk before it becomes the cache
+        os.fsync(fh.fileno())
+    os.replace(tmp, out)
+    for stale in (out.with_name(out.name + "-wal"), out.with_name(out.name + "-shm")):
+        stale.unlink(missing_ok=True)
+    return rows
+
+
+def merge_shards(cache_dir: str | Path) -> dict[str, Any]:
+    """Merge the folder's shard files into its ``answers.sqlite`` (atomically) and remove them.
+    Idempotent: killed after the replace but before the removal, the next call merges the same
+    rows again. Returns what was merged."""
+    cache_dir = Path(cache_dir)
+    shards = shard_files(cache_dir)
+    shared = cache_dir / SHARED_NAME
+    if not shards and not shared.exists():
+        return {"shards": 0, "rows": 0}
+    rows = merge_caches(shared, shards)
+    for f in shards:
+        for p in (f, f.with_name(f.name + "-journal")):
+            p.unlink(missing_ok=True)
+    return {"shards": len(shards), "rows": rows, "merged_into": str(shared)}
+
+
 class CacheMiss(KeyError):
     """A replay-only cache (backend=None) was asked something it has not stored."""
 
@@ -58,7 +180,8 @@ class CachedBackend(MLLMBackend):
     Counters (per task): ``requests`` received, ``calls`` actually sent to the wrapped backend,
     ``hits`` answered from the cache (stored earlier, or a duplicate within the same batch).
     With ``backend=None`` it replays a cache and raises :class:`CacheMiss` on anything missing;
-    then ``identity`` must be given.
+    then ``identity`` must be given. ``shard=RANK`` writes to ``shard-RANK.sqlite`` (one file per
+    process) and also reads the folder's merged ``answers.sqlite`` (read-only).
     """
 
     def __init__(
@@ -66,6 +189,7 @@ class CachedBackend(MLLMBackend):
         backend: MLLMBackend | None,
         cache_dir: str | Path,
         identity: dict[str, Any] | None = None,
+        shard: int | None = None,
     ) -> None:
         if backend is None and identity is None:
             raise ValueError("CachedBackend without a backend needs the identity of the answers to replay")
@@ -76,9 +200,28 @@ class CachedBackend(MLLMBackend):
         self.ident_hash = identity_hash(self._identity)
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.cache_dir / "answers.sqlite"
-        self._db = sqlite3.connect(self.path, timeout=120, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self.shard = shard
+        self.fs_type = filesystem_type(self.cache_dir)
+        self._base: sqlite3.Connection | None = None
+        if shard is None:
+            self.path = self.cache_dir / SHARED_NAME
+            self._db = sqlite3.connect(self.path, timeout=120, isolation_level=None)
+            if is_network_fs(self.fs_type):
+                logger.warning(
+                    "answer cache %s is on a network file system (%s): SQLite's WAL mode is not safe there, so it "
+                    "uses a rollback journal, and several processes or nodes must not share this file; sharded runs "
+                    "(accelerate launch / torchrun) write one file per process. See docs/multinode.md",
+                    self.path, self.fs_type)
+                self._db.execute("PRAGMA journal_mode=DELETE")
+            else:
+                self._db.execute("PRAGMA journal_mode=WAL")
+        else:
+            self.path = self.cache_dir / shard_name(shard)
+            self._db = sqlite3.connect(self.path, timeout=120, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=DELETE")  # one writer, no shared memory: NFS-safe
+            shared = self.cache_dir / SHARED_NAME
+            if shared.exists():  # merged answers of earlier runs; nobody writes it during the sharded phase
+                self._base = sqlite3.connect(f"{shared.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._db.execute(
@@ -140,10 +283,15 @@ class CachedBackend(MLLMBackend):
                 missing.pop(k)  # later duplicates of the same key count as hits
         return [found[k] for k in keys]
 
+    def close_cache(self) -> None:
+        """Close the cache files only (the wrapped backend stays usable)."""
+        for con in (self._db, self._base):
+            if con is not None:
+                con.close()
+        self._db = self._base = None  # type: ignore[assignment]
+
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None  # type: ignore[assignment]
+        self.close_cache()
         if self.backend is not None:
             self.backend.close()
 
@@ -155,6 +303,11 @@ class CachedBackend(MLLMBackend):
             chunk = klist[i : i + 500]
             q = f"SELECT key, answer FROM answers WHERE key IN ({','.join('?' * len(chunk))})"
             out.update(self._db.execute(q, chunk).fetchall())
+            if self._base is not None:
+                rest = [k for k in chunk if k not in out]
+                if rest:
+                    q = f"SELECT key, answer FROM answers WHERE key IN ({','.join('?' * len(rest))})"
+                    out.update(self._base.execute(q, rest).fetchall())
         return out
 
     def stats(self) -> dict[str, dict[str, int]]:
@@ -171,4 +324,41 @@ class CachedBackend(MLLMBackend):
             c.clear()
 
     def __len__(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM answers WHERE identity = ?", (self.ident_hash,)).fetchone()[0])
+        """Answers of this identity in this file (a shard: plus the merged file it reads)."""
+        n = int(self._db.execute("SELECT COUNT(*) FROM answers WHERE identity = ?", (self.ident_hash,)).fetchone()[0])
+        if self._base is not None:
+            n += int(self._base.execute("SELECT COUNT(*) FROM answers WHERE identity = ?",
+                                        (self.ident_hash,)).fetchone()[0])
+        return n
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mllm_tune.core.backends.cache merge OUT IN...``"""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m mllm_tune.core.backends.cache",
+                                 description="Answer-cache tools (docs/multinode.md).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge", help="merge caches (files, or folders with answers.sqlite / shard-*.sqlite) into "
+                                     "OUT atomically; OUT's own answers are kept")
+    m.add_argument("out", help="the merged file, e.g. runs/e2e/cache/answers.sqlite (a folder: its answers.sqlite)")
+    m.add_argument("inputs", nargs="+")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    if out.is_dir() or not out.suffix:
+        out = out / SHARED_NAME
+    missing = [i for i in a.inputs if not Path(i).exists()]
+    if missing:
+        print(f"error: not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        rows = merge_caches(out, a.inputs)
+    except sqlite3.DatabaseError as exc:
+        print(f"error: not an answer cache ({exc}); inputs: {', '.join(a.inputs)}", file=sys.stderr)
+        return 2
+    print(f"{out}: {rows} answers (merged {len(a.inputs)} input(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

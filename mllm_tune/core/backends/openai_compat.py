@@ -1,10 +1,20 @@
 """Any OpenAI-compatible chat-completions server (vLLM serve, SGLang, hosted APIs).
 
 Plain HTTP with the standard library (no extra dependency). Images travel as base64 data URLs.
-Requests run in a bounded thread pool (``concurrency``); a request that fails with a connection
-error, a timeout, 429 or 5xx is retried with exponential backoff. Before the first batch the
-server is probed (``GET /models``), so a wrong URL fails at once with a clear message rather than
-after every retry.
+Requests run in a bounded thread pool (``concurrency`` in flight per server); a request that fails
+with a connection error, a timeout, 429 or 5xx is retried with exponential backoff. Before the first
+batch the server is probed (``GET /models``), so a wrong URL fails at once with a clear message
+rather than after every retry.
+
+**Several servers** (``base_url`` a list; ``--base-url`` given several times): every server must
+serve the model name (checked at start; a mismatch names the URLs). Each request goes to the
+healthy server with the fewest requests in flight (at most ``concurrency`` per server). A request
+that fails there (connection error, timeout, retryable HTTP status) takes that server out and is
+retried at once on another healthy one; only when none is left does it back off. A server that is
+out comes back when its health check (``GET /models``, at most every ``health_interval`` s)
+passes. :meth:`OpenAIBackend.server_stats` reports requests, errors, retries and the seconds lost
+per server. The cache identity of a multi-server backend names the model, not the URLs, so a run
+resumed against another set of servers reuses its answers.
 
 What the server must share with training (set when starting it; a client cannot change it):
 
@@ -32,11 +42,13 @@ import json
 import logging
 import mimetypes
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -63,13 +75,66 @@ def image_data_url(path: str) -> str:
         return f"data:{mime};base64,{base64.b64encode(f.read()).decode('ascii')}"
 
 
+@dataclass
+class _Server:
+    """One server of the pool and what happened to it (guarded by the backend's lock)."""
+
+    url: str
+    healthy: bool = True
+    inflight: int = 0
+    requests: int = 0  # answered
+    errors: int = 0  # failed attempts (each one retried elsewhere or later, or the last one)
+    taken_out: int = 0
+    put_back: int = 0
+    lost_seconds: float = 0.0  # time spent in attempts that failed here
+    next_check: float = 0.0
+    checking: bool = False
+    last_error: str = ""
+    names: list = field(default_factory=list)
+
+    def stats(self) -> dict[str, Any]:
+        return {"url": self.url, "requests": self.requests, "errors": self.errors, "taken_out": self.taken_out,
+                "put_back": self.put_back, "healthy": self.healthy, "lost_seconds": round(self.lost_seconds, 3),
+                **({"last_error": self.last_error} if self.last_error else {})}
+
+
+def parse_base_urls(base_url: str | Sequence[str]) -> list[str]:
+    """One URL, a comma-free list of URLs, or several: the distinct URLs without trailing slash."""
+    urls = [base_url] if isinstance(base_url, str) else list(base_url)
+    out: list[str] = []
+    for u in urls:
+        u = str(u).strip().rstrip("/")
+        if u and u not in out:
+            out.append(u)
+    if not out:
+        raise BackendError("openai backend: no server URL given (--base-url)")
+    return out
+
+
+def read_url_file(path: str | Path) -> list[str]:
+    """URLs from a file, one a line; blank lines and ``#`` comments are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BackendError(f"openai backend: cannot read the URL file {path}: {exc}") from None
+    urls = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
+    urls = [u for u in urls if u]
+    if not urls:
+        raise BackendError(f"openai backend: the URL file {path} holds no URL (one a line)")
+    return urls
+
+
+class _Retry(Exception):
+    """An attempt failed in a way another server (or a later try) may not."""
+
+
 class OpenAIBackend(MLLMBackend):
     kind = "openai"
 
     def __init__(
         self,
         model: str,
-        base_url: str = "http://127.0.0.1:8000/v1",
+        base_url: str | Sequence[str] = "http://127.0.0.1:8000/v1",
         api_key: str | None = None,
         concurrency: int = 8,
         max_new_tokens: int | dict[str, int] | None = None,
@@ -83,12 +148,17 @@ class OpenAIBackend(MLLMBackend):
         backoff: float = 0.5,
         timeout: float = 300.0,
         identity_extra: dict[str, Any] | None = None,
+        health_interval: float = 1.0,
         **_: Any,
     ) -> None:
         if not model:
             raise BackendError("openai backend: a model name is required (the name the server serves, or the LoRA name)")
         self.model = model
-        self.base_url = base_url.rstrip("/")
+        self.base_urls = parse_base_urls(base_url)
+        self.base_url = self.base_urls[0] if len(self.base_urls) == 1 else ", ".join(self.base_urls)
+        self.servers = [_Server(u) for u in self.base_urls]
+        self.health_interval = float(health_interval)
+        self._lock = threading.Condition()
         self.api_key = api_key
         self.concurrency = max(1, int(concurrency))
         self.max_new_tokens = max_new_tokens_table(max_new_tokens)
@@ -129,9 +199,12 @@ class OpenAIBackend(MLLMBackend):
         return {**greedy, "request_fields": self.sampling_fields(), "max_new_tokens": dict(self.max_new_tokens)}
 
     def identity(self) -> dict[str, Any]:
+        # one server: its URL, as before; several: the model name alone (any set of servers serving it)
+        where = ({"base_url": self.base_url} if len(self.servers) == 1
+                 else {"servers": "several, all serving the model name below"})
         return {
             "kind": self.kind,
-            "base_url": self.base_url,
+            **where,
             "model": self.model,
             "decoding": self.decoding(),
             "pixels": {"min": self.min_pixels, "max": self.max_pixels, "as_stated_for_the_server": True},
@@ -145,33 +218,142 @@ class OpenAIBackend(MLLMBackend):
                              f"{self.max_pixels} with {self.patch_size}-px patches" if n else "no image sent")}
 
     # -- HTTP --------------------------------------------------------------------------------
-    def _http(self, method: str, path: str, body: dict | None, timeout: float) -> dict:
+    def _http(self, method: str, path: str, body: dict | None, timeout: float, url: str | None = None) -> dict:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
+        req = urllib.request.Request((url or self.servers[0].url) + path, data=data, headers=headers, method=method)
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - the URL is the user's server
             return json.loads(resp.read().decode("utf-8"))
 
-    def check_server(self) -> None:
+    def _served_names(self, url: str) -> list[str] | None:
+        """The model names ``url`` serves ([] when it does not list them); raises on no answer."""
         try:
-            listing = self._http("GET", "/models", None, timeout=min(10.0, self.timeout))
+            listing = self._http("GET", "/models", None, timeout=min(10.0, self.timeout), url=url)
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):
-                raise BackendError(f"openai backend: {self.base_url} refused the API key (HTTP {exc.code}); set the "
+                raise BackendError(f"openai backend: {url} refused the API key (HTTP {exc.code}); set the "
                                    "key's environment variable (--api-key-env)") from None
-            logger.warning("openai backend: GET %s/models answered HTTP %d; trying anyway", self.base_url, exc.code)
-            return
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            reason = getattr(exc, "reason", exc)
+            logger.warning("openai backend: GET %s/models answered HTTP %d; trying anyway", url, exc.code)
+            return None
+        return [m.get("id") for m in listing.get("data", []) if isinstance(m, dict)]
+
+    def check_server(self) -> None:
+        """Every server is asked what it serves; all must serve ``model``. With several servers an
+        unreachable one starts out of the pool (its health check may bring it back); none reachable
+        is an error."""
+        reached, wrong = [], []
+        for srv in self.servers:
+            try:
+                names = self._served_names(srv.url)
+            except (urllib.error.URLError, OSError, TimeoutError) as exc:
+                srv.healthy, srv.taken_out, srv.last_error = False, srv.taken_out + 1, str(getattr(exc, "reason", exc))
+                srv.next_check = time.monotonic() + self.health_interval
+                continue
+            reached.append(srv)
+            srv.names = names or []
+            if names and self.model not in names:
+                wrong.append(srv)
+        if wrong:
+            if len(self.servers) == 1:
+                raise BackendError(f"openai backend: {wrong[0].url} does not serve model '{self.model}'; it serves "
+                                   f"{wrong[0].names}")
             raise BackendError(
-                f"openai backend: cannot reach {self.base_url} ({reason}). Start the server first (e.g. `vllm serve "
-                f"MODEL --port 8000`) or pass the right --base-url"
-            ) from None
-        names = [m.get("id") for m in listing.get("data", []) if isinstance(m, dict)]
-        if names and self.model not in names:
-            raise BackendError(f"openai backend: {self.base_url} does not serve model '{self.model}'; it serves {names}")
+                f"openai backend: the servers must all serve the model name '{self.model}'; "
+                + "; ".join(f"{s.url} serves {s.names}" for s in wrong)
+                + (f" (these serve it: {', '.join(s.url for s in reached if s not in wrong)})"
+                   if len(reached) > len(wrong) else "")
+                + ". Start every server with the same --served-model-name / --lora-modules NAME=...")
+        if not reached:
+            if len(self.servers) == 1:
+                raise BackendError(
+                    f"openai backend: cannot reach {self.servers[0].url} ({self.servers[0].last_error}). Start the "
+                    "server first (e.g. `vllm serve MODEL --port 8000`) or pass the right --base-url")
+            raise BackendError("openai backend: cannot reach any of the servers: "
+                               + "; ".join(f"{s.url} ({s.last_error})" for s in self.servers))
+        for srv in self.servers:
+            if not srv.healthy:
+                logger.warning("openai backend: %s is not reachable (%s); starting without it (health check every "
+                               "%.1f s)", srv.url, srv.last_error, self.health_interval)
+
+    # -- the pool ----------------------------------------------------------------------------
+    def _health_check(self, srv: _Server) -> None:
+        """Probe a server that is out; it comes back if it answers and serves the model."""
+        try:
+            names = self._served_names(srv.url)
+            ok = names is None or not names or self.model in names
+        except (urllib.error.URLError, OSError, TimeoutError, BackendError, ValueError):
+            ok = False
+        with self._lock:
+            srv.checking = False
+            srv.next_check = time.monotonic() + self.health_interval
+            if ok and not srv.healthy:
+                srv.healthy = True
+                srv.put_back += 1
+                logger.warning("openai backend: %s passed its health check; back in the pool", srv.url)
+            self._lock.notify_all()
+
+    def _acquire(self, avoid: _Server | None) -> _Server | None:
+        """A healthy server with a free slot (least loaded, ``avoid`` last); waits for a slot while
+        one is healthy. None: no healthy server (after probing the ones due for a check)."""
+        while True:
+            due: list[_Server] = []
+            with self._lock:
+                now = time.monotonic()
+                for srv in self.servers:
+                    if not srv.healthy and not srv.checking and now >= srv.next_check:
+                        srv.checking = True
+                        due.append(srv)
+                if not due:
+                    healthy = [s for s in self.servers if s.healthy]
+                    if not healthy:
+                        return None
+                    free = [s for s in healthy if s.inflight < self.concurrency]
+                    if free:
+                        srv = min(free, key=lambda s: (s is avoid and len(free) > 1, s.inflight, s.requests))
+                        srv.inflight += 1
+                        return srv
+                    self._lock.wait(timeout=0.5)
+                    continue
+            for srv in due:
+                self._health_check(srv)
+
+    def _release(self, srv: _Server, ok: bool, seconds: float, error: str = "") -> None:
+        with self._lock:
+            srv.inflight -= 1
+            if ok:
+                srv.requests += 1
+            else:
+                srv.errors += 1
+                srv.lost_seconds += seconds
+                srv.last_error = error
+                if srv.healthy and len(self.servers) > 1:
+                    srv.healthy = False
+                    srv.taken_out += 1
+                    srv.next_check = time.monotonic() + self.health_interval
+                    logger.warning("openai backend: %s failed (%s); out of the pool until its health check passes",
+                                   srv.url, error)
+            self._lock.notify_all()
+
+    def _post(self, srv: _Server, body: dict) -> tuple[str, bool]:
+        try:
+            out = self._http("POST", "/chat/completions", body, self.timeout, url=srv.url)
+            choice = out["choices"][0]
+            return (choice["message"].get("content") or "").strip(), choice.get("finish_reason") == "length"
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode("utf-8", "replace")[:300]
+            if exc.code == 400 and self.greedy_extras and ("repetition_penalty" in detail or "top_k" in detail):
+                raise BackendError(f"openai backend: {srv.url} rejects the greedy fields repetition_penalty/"
+                                   f"top_k ({detail}); build the backend with greedy_extras=False for this "
+                                   "server") from None
+            if exc.code not in _RETRY_STATUS:
+                raise BackendError(f"openai backend: HTTP {exc.code} from {srv.url}: {detail}") from None
+            raise _Retry(f"HTTP {exc.code}: {detail}") from None
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:  # refused, reset, timed out
+            raise _Retry(str(getattr(exc, "reason", exc)) or type(exc).__name__) from None
+        except (KeyError, IndexError, json.JSONDecodeError) as exc:
+            raise BackendError(f"openai backend: malformed reply from {srv.url}: {exc!r}") from None
 
     def _one(self, req: MLLMRequest) -> tuple[str, bool]:
         content: list[dict] = []
@@ -180,29 +362,39 @@ class OpenAIBackend(MLLMBackend):
         content.append({"type": "text", "text": req.prompt})
         body = {"model": self.model, "messages": [{"role": "user", "content": content}],
                 **self.sampling_fields(), "max_tokens": max_new_tokens_for(req.task, self.max_new_tokens)}
-        last: str = ""
+        last, failed, backoffs = "", None, 0
         for attempt in range(self.max_retries + 1):
-            try:
-                out = self._http("POST", "/chat/completions", body, self.timeout)
-                choice = out["choices"][0]
-                return (choice["message"].get("content") or "").strip(), choice.get("finish_reason") == "length"
-            except urllib.error.HTTPError as exc:
-                detail = exc.read().decode("utf-8", "replace")[:300]
-                if exc.code == 400 and self.greedy_extras and ("repetition_penalty" in detail or "top_k" in detail):
-                    raise BackendError(f"openai backend: {self.base_url} rejects the greedy fields repetition_penalty/"
-                                       f"top_k ({detail}); build the backend with greedy_extras=False for this "
-                                       "server") from None
-                if exc.code not in _RETRY_STATUS:
-                    raise BackendError(f"openai backend: HTTP {exc.code} from {self.base_url}: {detail}") from None
-                last = f"HTTP {exc.code}: {detail}"
-            except (urllib.error.URLError, OSError, TimeoutError) as exc:
-                last = str(getattr(exc, "reason", exc))
-            except (KeyError, IndexError, json.JSONDecodeError) as exc:
-                raise BackendError(f"openai backend: malformed reply from {self.base_url}: {exc!r}") from None
+            srv = self._acquire(avoid=failed)
+            if srv is None:
+                last = last or "no server is healthy: " + "; ".join(f"{s.url} ({s.last_error})" for s in self.servers)
+            else:
+                t0 = time.monotonic()
+                try:
+                    result = self._post(srv, body)
+                except _Retry as exc:
+                    last, failed = f"{srv.url}: {exc}", srv
+                    self._release(srv, False, time.monotonic() - t0, str(exc))
+                except BaseException:
+                    self._release(srv, False, time.monotonic() - t0, "not retried")
+                    raise
+                else:
+                    self._release(srv, True, 0.0)
+                    return result
             if attempt < self.max_retries:
-                self.retries += 1
-                time.sleep(self.backoff * (2 ** attempt) * (1 + 0.25 * random.random()))
+                with self._lock:
+                    self.retries += 1
+                    others = any(s.healthy and s is not failed for s in self.servers)
+                if not others:  # nowhere else to go: back off before the next try
+                    time.sleep(self.backoff * (2 ** backoffs) * (1 + 0.25 * random.random()))
+                    backoffs += 1
         raise BackendError(f"openai backend: request failed after {self.max_retries + 1} attempts ({last})")
+
+    def server_stats(self) -> dict[str, Any]:
+        """Requests answered, failed attempts, times taken out / put back and seconds lost, per
+        server; ``retries`` counts the re-sent requests of the whole backend."""
+        with self._lock:
+            return {"servers": [s.stats() for s in self.servers], "retries": self.retries,
+                    "concurrency_per_server": self.concurrency}
 
     def generate(self, requests: Sequence[MLLMRequest]) -> list[str]:
         requests = list(requests)
@@ -211,8 +403,9 @@ class OpenAIBackend(MLLMBackend):
         if not self._checked:
             self.check_server()
             self._checked = True
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="openai")
+        if self._pool is None:  # ``concurrency`` in flight per server (``_acquire`` bounds it)
+            self._pool = ThreadPoolExecutor(max_workers=self.concurrency * len(self.servers),
+                                            thread_name_prefix="openai")
         for r in requests:
             if r.image is not None:
                 self.visual_tokens.append(self._expected_tokens(r.image))

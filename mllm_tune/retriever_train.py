@@ -51,6 +51,9 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
+STATE_DIR, STATE_FILE = "last_state", "trainer_state.json"  # what --resume reads
+
+
 class RetrieverTrainError(ValueError):
     """Bad input to a retriever fine-tuning run (the command line prints it as one `error:` line)."""
 
@@ -104,6 +107,8 @@ class TrainConfig:
     noise_rate: float = 0.0  # noisy correspondence: this share of captions moved to other pairs' images
     noise_file: str | None = None  # an RDE noise-index .npy (caption index of every pair) instead
     save_pth: bool = True  # arch rde: also write OUT/best.pth in the released key layout
+    keep_state: bool = True  # write OUT/last_state/ (model, optimizer, scheduler, RNG, history) after every epoch
+    resume: bool = False  # continue from OUT/last_state/ after its epoch
 
 
 # -- losses ------------------------------------------------------------------------------------
@@ -283,6 +288,10 @@ class RDEEncoder(nn.Module):
         super().__init__()
         self.clip, self.image_head, self.text_head = clip_model, image_head, text_head
         self.eos_id, self.tse_bn = eos_id, tse_bn
+        # kept only so released state dicts load whole; frozen so that DDP finds no unused parameter
+        unused = [image_head.linear, image_head.mlp.bns[1], text_head.mlp.bns[1]]
+        for m in unused:
+            m.requires_grad_(False)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -520,14 +529,26 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         result["noise"] = {"rate": float(1 - truly_clean.mean()), "file": cfg.noise_file, "seed": cfg.seed}
         if acc.is_main_process:
             np.save(out_dir / "noise_index.npy", caption_of_pair)  # RDE's noise-index format, for a rerun
-    if acc.is_main_process:
+    best_r1, best_epoch, start = -1.0, 0, 1
+    clean = torch.ones(len(examples), dtype=torch.bool)
+    state_dir = out_dir / STATE_DIR
+    if cfg.resume:
+        if not (state_dir / STATE_FILE).is_file():
+            raise RetrieverTrainError(f"--resume: {state_dir / STATE_FILE} does not exist; run without --resume first "
+                                      "(with --keep-state true, the default)")
+        acc.load_state(str(state_dir))
+        saved = json.loads((state_dir / STATE_FILE).read_text(encoding="utf-8"))
+        start, best_r1, best_epoch = saved["epoch"] + 1, saved["best_r1"], saved["best_epoch"]
+        result["history"] = saved["history"]
+        result.update({k: saved[k] for k in ("val_before", "test_before") if k in saved})
+        clean = torch.tensor(saved["clean"], dtype=torch.bool)
+        logger.info("resumed after epoch %d of %s (best epoch so far %d)", saved["epoch"], state_dir, best_epoch)
+    elif acc.is_main_process:
         if val_view is not None:
             result["val_before"] = evaluate(retriever, val_view, cfg, val_imgs)
         if test_view is not None:
             result["test_before"] = evaluate(retriever, test_view, cfg, test_imgs)
-    best_r1, best_epoch = -1.0, 0
-    clean = torch.ones(len(examples), dtype=torch.bool)
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(start, cfg.epochs + 1):
         gamma = rda_gamma(epoch, cfg.rda_gamma) if rda is not None else 0.0
         rec: dict[str, Any] = {"epoch": epoch}
         t0 = time.time()
@@ -602,6 +623,13 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                         f", val R1 {r1:.2f} mAP {rec['val']['mAP']:.2f}" if "val" in rec else "")
         result["history"].append(rec)
         acc.wait_for_everyone()
+        if cfg.keep_state:
+            acc.save_state(str(state_dir))
+            if acc.is_main_process:
+                blob = {"epoch": epoch, "best_r1": best_r1, "best_epoch": best_epoch, "history": result["history"],
+                        "clean": clean.tolist(), **{k: result[k] for k in ("val_before", "test_before") if k in result}}
+                (state_dir / STATE_FILE).write_text(json.dumps(blob), encoding="utf-8")
+            acc.wait_for_everyone()
 
     result["best_epoch"] = best_epoch
     result["output_dir"] = str(out_dir)

@@ -128,3 +128,40 @@ def test_consensus_is_purer_than_noisy_data(synth100, tiny_clip, tmp_path):
     q = [r["clean_quality"] for r in res["history"] if "clean_quality" in r]
     assert len(q) == 5 and all(x["truly_clean"] == pytest.approx(0.7, abs=0.01) for x in q)
     assert q[-1]["precision"] > 0.7, q
+
+
+@pytest.mark.slow
+def test_two_process_rde_run(synth_root, tiny_clip, tmp_path):
+    """torchrun, two CPU processes: global-batch negatives, the clean-selection pass sharded and gathered."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29581",
+           "-m", "mllm_tune.retriever_train", *TINY, "--model", str(tiny_clip), "--dataset-root", str(synth_root),
+           "--output-dir", str(out), "--epochs", "1", "--clean-warmup-epochs", "0"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=RECIPE.parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "train_results.json").read_text())
+    assert res["world_size"] == 2 and res["arch"] == "rde" and res["train_captions"] == 172
+    assert 0 < res["history"][0]["clean"]["used"] <= 1
+    saved = json.loads((out / "clean.json").read_text())
+    assert saved["num_pairs"] == 172 and saved["num_clean"] == round(res["history"][0]["clean"]["used"] * 172)
+
+
+@pytest.mark.slow
+def test_resume_continues_after_the_last_epoch(synth_root, tiny_clip, tmp_path):
+    out = tmp_path / "resume"
+    args = ["--model", str(tiny_clip), "--dataset-root", str(synth_root), "--output-dir", str(out), *TINY,
+            "--clean-warmup-epochs", "1"]
+    first = main([*args, "--epochs", "2"])
+    assert (out / "last_state" / "trainer_state.json").is_file()
+    res = main([*args, "--epochs", "3", "--resume", "true"])
+    h = res["history"]
+    assert [r["epoch"] for r in h] == [1, 2, 3] and h[:2] == first["history"] and "clean" in h[2]
+    assert res["val_before"] == first["val_before"]
+    assert res["best_epoch"] == max(range(1, 4), key=lambda e: (h[e - 1]["val"]["R1"], -e))
+    with pytest.raises(ValueError, match="--resume: .* does not exist"):
+        main([*args[:5], str(tmp_path / "fresh"), *args[6:], "--epochs", "1", "--resume", "true"])

@@ -165,3 +165,16 @@ def test_resume_continues_after_the_last_epoch(synth_root, tiny_clip, tmp_path):
     assert res["best_epoch"] == max(range(1, 4), key=lambda e: (h[e - 1]["val"]["R1"], -e))
     with pytest.raises(ValueError, match="--resume: .* does not exist"):
         main([*args[:5], str(tmp_path / "fresh"), *args[6:], "--epochs", "1", "--resume", "true"])
+
+
+def test_text_position_resize_options(tiny_clip):
+    """interpolate (default) keeps the learnt table's ends; random reproduces the released 77 -> 168 flaw."""
+    from mllm_tune.retriever_train import _load_model
+
+    base = TrainConfig(model=str(tiny_clip), text_length=100)
+    src = _load_model(base, "cpu").model.text_model.embeddings.position_embedding.weight
+    ref = _load_model(TrainConfig(model=str(tiny_clip)), "cpu").model.text_model.embeddings.position_embedding.weight
+    assert src.shape[0] == 100 and torch.allclose(src[0], ref[0]) and torch.allclose(src[-1], ref[-1])
+    rand = _load_model(TrainConfig(model=str(tiny_clip), text_length=100, text_pos_resize="random"), "cpu")
+    table = rand.model.text_model.embeddings.position_embedding.weight
+    assert table.shape[0] == 100 and not torch.allclose(table[0], ref[0]) and float(table.std()) < 0.02

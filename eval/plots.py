@@ -1,5 +1,6 @@
-"""Figures of the end-to-end THI run (matplotlib, Agg): metrics vs round (paper Fig. 6),
-λ sweep, ξ sweep (Fig. 5) and top-10 strips before/after THI (Fig. 7)."""
+"""Figures of the end-to-end THI run (matplotlib, Agg): metrics vs round (paper Fig. 6) with the
+interactive-retrieval peers' metrics beside them, R1 against MLLM calls, λ sweep, ξ sweep (Fig. 5)
+and top-10 strips before/after THI (Fig. 7)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,37 @@ def metrics_vs_round(base: dict, rounds: Sequence[dict], path: str | Path, label
     ax.set_ylabel("%")
     ax.set_xticks(xs)
     return _finish(fig, ax, Path(path), "Metrics vs THI round", label)
+
+
+def peer_vs_round(peer: Sequence[dict], path: str | Path, label: str | None = None) -> Path:
+    """Hits@K (cumulative) on the left axis, mFR and BRI (lower is better) on the right, per round."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    xs = [p["round"] for p in peer]
+    for k in ("Hits@1", "Hits@5", "Hits@10"):
+        ax.plot(xs, [p[k] for p in peer], marker="o", label=k)
+    ax.set_xlabel("THI rounds done (0 = base ranking)")
+    ax.set_ylabel("Hits@K (%)")
+    ax.set_xticks(xs)
+    right = ax.twinx()
+    right.plot(xs, [p["mFR"] for p in peer], marker="s", ls="--", color="C3", label="mFR")
+    right.plot(xs, [p["BRI"] for p in peer], marker="^", ls=":", color="C4", label="BRI")
+    right.set_yscale("log")  # mFR runs to hundreds on real galleries, BRI stays a few units
+    right.set_ylabel("mFR / BRI (lower is better, log)")
+    right.legend(fontsize=8, loc="center right")
+    return _finish(fig, ax, Path(path), "Interactive-retrieval metrics vs THI round", label)
+
+
+def r1_vs_calls(base_r1: float, by_round: Sequence[dict], path: str | Path, label: str | None = None) -> Path:
+    """R1 against the cumulative MLLM calls per query (T_loc + T_vqa + T_aggr), one point per round."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    xs = [0.0] + [c["cumulative_per_query"] for c in by_round]
+    ys = [base_r1] + [c["R1"] for c in by_round]
+    ax.plot(xs, ys, marker="o", label="R1")
+    for x, y, r in zip(xs, ys, range(len(xs))):
+        ax.annotate(str(r), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xlabel("MLLM calls per query (cumulative; labels: rounds)")
+    ax.set_ylabel("R1 (%)")
+    return _finish(fig, ax, Path(path), "R1 vs MLLM calls", label)
 
 
 def sweep(xs: Sequence[float], metrics: Sequence[dict], path: str | Path, name: str, base: dict | None = None,

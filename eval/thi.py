@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from mllm_tune.core.backends import MLLMBackend, MLLMRequest
 from mllm_tune.core.metrics import mean_metrics, per_query_metrics
-from mllm_tune.core.prompts import DEFAULT_PROMPTS, PromptSet, is_yes, split_answer_sentences
+from mllm_tune.core.prompts import DEFAULT_PROMPTS, PromptSet, is_yes
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def run_thi(
                 d.vqa = vqa_memo[d.anchor]  # type: ignore[index]
         # -- aggregation (text only) ---------------------------------------------------------
         for d in accepted:
-            d.facts = split_answer_sentences(d.vqa or "")
+            d.facts = prompts.parse_vqa(d.vqa or "")  # ours, or the released handling (PromptSet.answer_handling)
         t0 = time.perf_counter()
         merged = _ask(backend, [MLLMRequest("aggr", prompts.render_aggr(query_texts[d.query], d.facts)) for d in accepted],
                       cfg.batch_size, f"T_aggr round {r}", progress)

@@ -53,9 +53,9 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
                 raise RetrieverLoadError(f"retriever spec option '{part}' in '{spec}' is not key=value")
             key, value = part.split("=", 1)
             key = key.strip().replace("-", "_")
-            if key not in _INT_OPTS | {"tokenizer", "image_size", "ratio"}:
+            if key not in _INT_OPTS | {"tokenizer", "image_size", "ratio", "resample"}:
                 raise RetrieverLoadError(f"unknown retriever spec option '{key}' in '{spec}' (known: tokenizer, "
-                                         "image_size, text_length, stride, heads, text_heads, ratio)")
+                                         "image_size, text_length, stride, heads, text_heads, ratio, resample)")
             opts[key] = int(value) if key in _INT_OPTS else float(value) if key == "ratio" else value
     return kind, rest, opts
 

@@ -119,15 +119,23 @@ def test_rde_training_learns_saves_and_continues(synth100, tiny_clip, tmp_path):
 
 
 @pytest.mark.slow
-def test_consensus_is_purer_than_noisy_data(synth100, tiny_clip, tmp_path):
-    res = main(["--model", str(tiny_clip), "--dataset-root", str(synth100), "--output-dir", str(tmp_path / "noisy"),
-                *TINY, "--epochs", "8", "--clean-warmup-epochs", "3", "--noise-rate", "0.3", "--val-split", "none"])
+def test_consensus_is_purer_than_noisy_data(synth100, tmp_path):
+    """From the shipped SynthPEDES CLIP (trained on other identities: the stand-in for a pretrained
+    CLIP); a random tiny CLIP learns too little in a few epochs for its per-pair losses to tell clean
+    from noisy pairs (measured AUC about 0.5), so its selection is only as pure as the data."""
+    demo = RECIPE.parents[1] / "demo_models" / "clip-synthpedes"
+    res = main(["--model", str(demo), "--dataset-root", str(synth100), "--output-dir", str(tmp_path / "noisy"),
+                *TINY, "--lr", "1e-4", "--epochs", "4", "--clean-warmup-epochs", "1", "--noise-rate", "0.3",
+                "--val-split", "none"])
     assert res["noise"]["rate"] == pytest.approx(0.3, abs=0.01)
     idx = np.load(tmp_path / "noisy" / "noise_index.npy")
     assert (idx != np.arange(len(idx))).mean() == pytest.approx(res["noise"]["rate"])
     q = [r["clean_quality"] for r in res["history"] if "clean_quality" in r]
-    assert len(q) == 5 and all(x["truly_clean"] == pytest.approx(0.7, abs=0.01) for x in q)
-    assert q[-1]["precision"] > 0.7, q
+    assert len(q) == 3 and all(x["truly_clean"] == pytest.approx(0.7, abs=0.01) for x in q)
+    # measured: used precision 0.885 / recall 0.786; agreed (both heads) precision 0.919 / recall 0.616
+    assert q[-1]["precision"] > 0.8 and q[-1]["recall"] > 0.5, q
+    agreed = res["history"][-1]["agreed_quality"]
+    assert agreed["precision"] >= q[-1]["precision"] - 0.02, agreed
 
 
 @pytest.mark.slow

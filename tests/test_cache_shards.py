@@ -219,3 +219,69 @@ def test_shards_left_by_a_killed_run_join_a_single_process_resume(synth_root, tm
     res = e2e.run(_args(synth_root, out), backend=second)
     assert not {k for b in first for k in _keys(b.asked)} & set(_keys(second.asked))
     assert res["rounds"] == ref["rounds"] and shard_files(out / "cache") == []
+
+
+@pytest.mark.slow
+def test_sigkilled_two_process_run_resumes_in_one(synth_root, tmp_path):
+    """Real processes: a 2-process `accelerate launch` run is SIGKILLed midway (its shard files keep
+    what they had answered) and resumed by a 1-process run, which asks none of those answers again."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from mllm_tune.core.backends.cache import identity_hash, request_key
+    from mllm_tune.core.prompts import load_prompts
+
+    extra = ["--oracle-latency", "0.2", "--batch-size", "4"]
+    argv = lambda out: [*_argv_list(synth_root, out), *extra]  # noqa: E731
+    out = tmp_path / "k"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "eval.icl_end2end", *argv(out)]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    rows, deadline = {}, time.time() + 400
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.3)
+            try:
+                rows = {p.name: _rows(p) for p in shard_files(out / "cache")}
+            except sqlite3.OperationalError:  # a shard being created or written this instant
+                continue
+            if len(rows) == 2 and min(rows.values()) >= 3:
+                break
+        assert proc.poll() is None, "the run finished (or failed) before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both processes
+        proc.wait(timeout=60)
+    assert not (out / "results.json").exists()
+    kept: set[str] = set()
+    for p in shard_files(out / "cache"):
+        with sqlite3.connect(p) as con:
+            kept |= {k for (k,) in con.execute("SELECT key FROM answers")}
+    assert len(kept) >= 6
+    args = e2e.build_parser().parse_args(argv(out))
+    second = Dies(e2e.build_backend(args, load_prompts(None)))  # the same backend identity as the killed run
+    res = e2e.run(args, backend=second)
+    ident = identity_hash(second.identity())
+    assert not {request_key(ident, r) for r in second.asked} & kept  # nothing asked twice
+    ref = e2e.run(e2e.build_parser().parse_args(argv(tmp_path / "ref")),
+                  backend=e2e.build_backend(args, load_prompts(None)))
+    assert res["rounds"] == ref["rounds"] and res["calls"] == ref["calls"]
+    assert sum(res["backend_calls"].values()) + len(kept) >= sum(ref["backend_calls"].values())
+    assert shard_files(out / "cache") == [] and res["config"]["processes"] == 1
+    print("RESUME " + json.dumps({"killed_shard_rows": rows, "kept_answers": len(kept),
+                                  "resume_backend_calls": sum(res["backend_calls"].values()),
+                                  "undisturbed_backend_calls": sum(ref["backend_calls"].values())}))
+
+
+def _argv_list(root, out):
+    return ["--dataset-root", str(root), "--dataset", "synthpedes", "--retriever", "synth-bow", "--mllm", "oracle",
+            "--oracle-loc-rule", "identity", "--out", str(out), "--no-progress", "--no-plots", "--xi-sweep"]

@@ -99,7 +99,7 @@ class _Server:
 
 
 def parse_base_urls(base_url: str | Sequence[str]) -> list[str]:
-    """One URL, a comma-free list of URLs, or several: the distinct URLs without trailing slash."""
+    """One URL or several: the distinct URLs, in order, without a trailing slash."""
     urls = [base_url] if isinstance(base_url, str) else list(base_url)
     out: list[str] = []
     for u in urls:

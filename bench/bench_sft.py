@@ -282,7 +282,7 @@ def _mean_ms(xs: list[float]) -> float:
     return 1000 * sum(xs) / max(len(xs), 1)
 
 
-def _loader_wait(trainer, workers: int, step_s: float, n: int) -> dict:
+def _loader_wait(trainer, workers: int, step_s: float, n: int, collator=None) -> dict:
     """ms per batch the training loop waits for its next batch from the dataloader sft.py's trainer
     builds, when each step takes `step_s` seconds of accelerator time (a sleep here: the CPU stays
     free for the workers, as it does while a GPU computes). The first batch (worker start-up) is
@@ -290,7 +290,12 @@ def _loader_wait(trainer, workers: int, step_s: float, n: int) -> dict:
     a = trainer.args
     a.dataloader_num_workers, a.dataloader_persistent_workers = workers, workers > 0
     a.dataloader_pin_memory = False  # nothing to pin for without a CUDA device
-    loader = trainer.get_train_dataloader()
+    ours = trainer.data_collator
+    trainer.data_collator = collator or ours
+    try:
+        loader = trainer.get_train_dataloader()
+    finally:
+        trainer.data_collator = ours
     it = iter(loader)
     next(it)
     waits = []
@@ -331,34 +336,44 @@ def _input_pipeline(work: Path, o: dict) -> dict:
              "--dataloader_num_workers", "0"]
     trainer, _ = build_trainer(parse_args(argv))
     ds, collate, proc = trainer.train_dataset, trainer.data_collator, trainer.processing_class
+    raw = getattr(collate, "collator", collate)  # TRL's collator as the trainer calls it without sft.py's wrapper
     b = o["batch"]
     groups = [[(k * b + j) % len(ds) for j in range(b)] for k in range(o["batches"] + 1)]
 
-    def timed(threads: int | None) -> dict:
+    def once(threads: int | None, fn, g: list[int]) -> tuple[float, float, float, dict]:
         before = torch.get_num_threads()
         if threads:
             torch.set_num_threads(threads)
-        fetch, coll, image = [], [], []
         try:
-            for k, g in enumerate(groups):
-                t0 = time.perf_counter()
-                rows = [ds[i] for i in g]  # row read + PNG decode (datasets.Image)
-                t1 = time.perf_counter()
-                batch = collate([dict(r) for r in rows])  # chat template, tokenizer, image processor, labels
-                t2 = time.perf_counter()
-                proc.image_processor(images=[im for r in rows for im in r["images"]], return_tensors="pt")
-                t3 = time.perf_counter()  # resize + rescale + normalize + patchify alone
-                if k or len(groups) == 1:  # the first batch warms up
-                    fetch.append(t1 - t0), coll.append(t2 - t1), image.append(t3 - t2)
+            t0 = time.perf_counter()
+            rows = [ds[i] for i in g]  # row read + PNG decode (datasets.Image)
+            t1 = time.perf_counter()
+            batch = fn([dict(r) for r in rows])  # chat template, tokenizer, image processor, labels
+            t2 = time.perf_counter()
+            proc.image_processor(images=[im for r in rows for im in r["images"]], return_tensors="pt")
+            t3 = time.perf_counter()  # resize + rescale + normalize + patchify alone
         finally:
             torch.set_num_threads(before)
-        return {"fetch_ms": _mean_ms(fetch), "collate_ms": _mean_ms(coll), "image_proc_ms": _mean_ms(image),
-                "batch": batch}
+        return t1 - t0, t2 - t1, t3 - t2, batch
 
-    serial = timed(None)
-    one = timed(1)  # what a dataloader worker runs with (torch sets 1 thread in workers)
-    batch = serial.pop("batch")
-    one.pop("batch")
+    # before: TRL's collator with torch's default thread count; with 1 thread (what a dataloader
+    # worker runs with: torch sets it in workers); after: sft.py's OneThreadCollator in the main
+    # process. Rotated batch by batch so that the shared machine's load drift spreads over all three.
+    variants = {"serial": (None, raw), "one": (1, raw), "ours": (None, collate)}
+    names = list(variants)
+    acc = {v: ([], [], []) for v in names}
+    last: dict[str, dict] = {}
+    for k, g in enumerate(groups):
+        for v in names[k % 3:] + names[:k % 3]:
+            *times, last[v] = once(*variants[v], g)
+            if k or len(groups) == 1:  # the first batch warms up
+                for xs, x in zip(acc[v], times):
+                    xs.append(x)
+    serial, one, ours = ({"fetch_ms": _mean_ms(acc[v][0]), "collate_ms": _mean_ms(acc[v][1]),
+                          "image_proc_ms": _mean_ms(acc[v][2])} for v in names)
+    batch, b1, b2 = last["serial"], last["one"], last["ours"]
+    same = set(batch) == set(b1) == set(b2) and all(torch.equal(batch[k], b1[k]) and torch.equal(batch[k], b2[k])
+                                                   for k in batch)
     resize = _resize_ms(proc, [ds[i] for i in groups[0]], o)
 
     # forward + backward of that batch on the 2B-shaped model, LoRA, frozen vision out of the backward
@@ -380,13 +395,15 @@ def _input_pipeline(work: Path, o: dict) -> dict:
     cuda_workers = loader_defaults(True, available_cpus())["dataloader_num_workers"]
     loader = {}
     for step_ms in o["step_ms"]:
-        for workers in sorted({0, cuda_workers}):
-            r = _loader_wait(trainer, workers, step_ms / 1000, o["loader_batches"])
-            loader[f"{step_ms}ms_{workers}w"] = {**r, "share": r["wait_ms"] / (r["wait_ms"] + step_ms) if r["wait_ms"] + step_ms else 0.0}
+        for key, workers, fn in (("trl", 0, raw), ("0w", 0, None), (f"{cuda_workers}w", cuda_workers, None)):
+            r = _loader_wait(trainer, workers, step_ms / 1000, o["loader_batches"], fn)
+            loader[f"{step_ms}ms_{key}"] = {**r, "share": r["wait_ms"] / (r["wait_ms"] + step_ms) if r["wait_ms"] + step_ms else 0.0}
     return {"pipe_fetch_ms": serial["fetch_ms"], "pipe_collate_ms": serial["collate_ms"],
             "pipe_image_proc_ms": serial["image_proc_ms"], "pipe_resize_ms": resize,
             "pipe_fetch_ms_1thread": one["fetch_ms"], "pipe_collate_ms_1thread": one["collate_ms"],
-            "pipe_image_proc_ms_1thread": one["image_proc_ms"],
+            "pipe_image_proc_ms_1thread": one["image_proc_ms"], "pipe_collate_ms_sft": ours["collate_ms"],
+            "pipe_collate_share_sft": ours["collate_ms"] / (ours["fetch_ms"] + ours["collate_ms"] + fb),
+            "pipe_same_batch_1thread": same,
             "pipe_fwd_bwd_ms": fb, "pipe_all_fwd_bwd_s": [round(w, 2) for w in walls],
             "pipe_all_fwd_bwd_cpu_s": [round(c, 2) for c in cpus],
             "pipe_collate_share": serial["collate_ms"] / (data_ms + fb), "pipe_data_share": data_ms / (data_ms + fb),
@@ -497,8 +514,10 @@ def _pipeline_markdown(p: dict) -> str:
     t1 = md_table(["per batch (main process, 0 workers)", "ms", "ms with 1 torch thread", "share of step"], [
         ["row read + PNG decode (datasets.Image)", p["pipe_fetch_ms"], p["pipe_fetch_ms_1thread"],
          p["pipe_fetch_ms"] / (p["pipe_fetch_ms"] + p["pipe_collate_ms"] + p["pipe_fwd_bwd_ms"])],
-        ["vision collator (template, tokenizer, images, labels)", p["pipe_collate_ms"], p["pipe_collate_ms_1thread"],
+        ["vision collator (template, tokenizer, images, labels), before", p["pipe_collate_ms"], p["pipe_collate_ms_1thread"],
          p["pipe_collate_share"]],
+        ["vision collator as sft.py runs it (OneThreadCollator, after)", p["pipe_collate_ms_sft"], "",
+         p["pipe_collate_share_sft"]],
         ["  of which image processor (resize, rescale, normalize, patchify)", p["pipe_image_proc_ms"],
          p["pipe_image_proc_ms_1thread"], ""],
         ["  of which resize alone", p["pipe_resize_ms"], "", ""],
@@ -507,20 +526,23 @@ def _pipeline_markdown(p: dict) -> str:
     w = p["pipe_cuda_default_workers_here"]
     rows = []
     for step_ms in o["step_ms"]:
-        a, b = p["pipe_loader"][f"{step_ms}ms_0w"], p["pipe_loader"].get(f"{step_ms}ms_{w}w")
-        rows.append([step_ms, a["wait_ms"], a["share"], b["wait_ms"] if b else "", b["share"] if b else ""])
-    t2 = md_table(["accelerator step ms (simulated)", "wait ms, 0 workers (before)", "data share before",
-                   f"wait ms, {w} worker(s) (after)", "data share after"], rows)
+        a, c, b = (p["pipe_loader"][f"{step_ms}ms_{k}"] for k in ("trl", "0w", f"{w}w"))
+        rows.append([step_ms, a["wait_ms"], a["share"], c["wait_ms"], c["share"], b["wait_ms"], b["share"]])
+    t2 = md_table(["accelerator step ms (simulated)", "wait ms: 0 workers, TRL collator (before)", "data share",
+                   "wait ms: 0 workers, sft.py collator", "data share",
+                   f"wait ms: {w} worker(s), sft.py CUDA default (after)", "data share"], rows)
     return (
         f"{o.get('widths')} widths and vocabulary, {o['text_layers']} text layers, {o['vision_depth']} of 32 vision "
         f"blocks, random weights, LoRA r 8, gradient checkpointing, batch {o['batch']}, {o['pixels']}-pixel budget "
         f"({p['pipe_visual_tokens_per_image']} visual tokens per image, {p['pipe_tokens_per_batch']} tokens per "
         f"batch), SynthPEDES pairs (64x128 PNG) through the trainer sft.py builds, fp32 CPU ({p['pipe_cpus']} cores).\n\n"
-        f"{t1}\n\nForward+backward runs (wall s): {p['pipe_all_fwd_bwd_s']}, CPU s {p['pipe_all_fwd_bwd_cpu_s']}.\n\n"
+        f"{t1}\n\nSame batch tensors from all three collator runs: {p['pipe_same_batch_1thread']}. "
+        f"Forward+backward runs (wall s): {p['pipe_all_fwd_bwd_s']}, CPU s {p['pipe_all_fwd_bwd_cpu_s']}.\n\n"
         f"The training loop's wait for its next batch from `trainer.get_train_dataloader()` while an accelerator "
         f"step runs (a sleep of that length: the CPU stays free, as while a GPU computes), {o['loader_batches']} "
-        f"batches after the first, 0 workers (the Trainer default, before) vs sft.py's CUDA default on this "
-        f"machine ({w} worker(s), persistent):\n\n{t2}"
+        f"batches after the first: before (the Trainer's default of 0 workers, TRL's collator), 0 workers with "
+        f"sft.py's OneThreadCollator (its CPU default), and sft.py's CUDA default on this machine ({w} worker(s), "
+        f"persistent):\n\n{t2}"
     )
 
 

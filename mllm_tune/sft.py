@@ -287,6 +287,37 @@ def check_chat_template(processor: Any, cfg: RunConfig) -> None:
 # -- trainer -----------------------------------------------------------------------------------
 
 
+class OneThreadCollator:
+    """The trainer's collator run with one torch thread (then the caller's count again).
+
+    Its tensor work (uint8 -> float, rescale, normalize, patchify of a few small images) is far too
+    small to split across threads: on a loaded 2-core CPU the vision collator at the 50,176-pixel
+    budget took 443 ms per batch of 4 with 2 threads and 103 ms with one (bench/RESULTS.md, "SFT input
+    pipeline"). Dataloader workers already run with one thread (torch sets it); this makes the
+    in-process collator of 0-worker (CPU) runs do the same. Element-wise work does not depend on
+    the thread count: the batches are identical (tests/test_sft_input_pipeline.py)."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+
+    def __call__(self, examples):
+        import torch
+
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return self.collator(examples)
+        torch.set_num_threads(1)
+        try:
+            return self.collator(examples)
+        finally:
+            torch.set_num_threads(threads)
+
+    def __getattr__(self, name: str):  # processor, assistant_only_loss, ... of the wrapped collator
+        if name == "collator":
+            raise AttributeError(name)
+        return getattr(self.collator, name)
+
+
 def make_trainer_class():
     from trl import SFTTrainer
 
@@ -377,6 +408,7 @@ def build_trainer(cfg: RunConfig, callbacks: Sequence[Any] | None = None):
             "{% generation %} markers, or set assistant_only_loss: false"
         ) from None
     trainer.yesno_enabled = cfg.data.yesno_eval
+    trainer.data_collator = OneThreadCollator(trainer.data_collator)
     return trainer, info
 
 

@@ -128,6 +128,28 @@ def test_workers_give_the_in_process_batches(tiny_qwen2_vl, pairs8, tmp_path):
             assert text in ("Yes<|im_end|>", "No<|im_end|>"), text
 
 
+def test_one_thread_collator_gives_the_same_batch(tiny_qwen2_vl, pairs8, tmp_path):
+    from mllm_tune.sft import OneThreadCollator, build_trainer
+    from mllm_tune.sft_config import parse_args
+
+    trainer, _ = build_trainer(parse_args(_argv(tiny_qwen2_vl, pairs8, tmp_path, image_min_pixels=50176,
+                                                image_max_pixels=50176)))
+    ours = trainer.data_collator
+    assert isinstance(ours, OneThreadCollator) and ours.assistant_only_loss  # attributes pass through
+    rows = [dict(trainer.train_dataset[i]) for i in range(4)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        stock = ours.collator([dict(r) for r in rows])  # TRL's collator, 2 threads
+        mine = ours([dict(r) for r in rows])
+        assert torch.get_num_threads() == 2  # the caller's count again
+    finally:
+        torch.set_num_threads(before)
+    assert set(stock) == set(mine)
+    for k in stock:
+        assert stock[k].dtype == mine[k].dtype and torch.equal(stock[k], mine[k]), k
+
+
 def test_same_losses_with_and_without_workers(tiny_qwen2_vl, pairs8, tmp_path):
     from mllm_tune import sft
 
@@ -148,5 +170,5 @@ def test_bench_input_pipeline_smoke(tmp_path):
     assert p["pipe_collate_ms"] > 0 and p["pipe_fwd_bwd_ms"] > 0 and 0 < p["pipe_collate_share"] < 1
     assert p["pipe_image_proc_ms"] > 0 and p["pipe_resize_ms"] > 0
     w = p["pipe_cuda_default_workers_here"]
-    assert {"0ms_0w", f"0ms_{w}w"} <= set(p["pipe_loader"])
+    assert {"0ms_trl", "0ms_0w", f"0ms_{w}w"} <= set(p["pipe_loader"]) and p["pipe_same_batch_1thread"]
     assert "vision collator" in _pipeline_markdown(p)

@@ -246,10 +246,8 @@ def _dist_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def _metrics(S: torch.Tensor, qp, gp) -> dict[str, float]:
-    from mllm_tune.core.metrics import rank_metrics
-
-    return {k: round(v, 4) for k, v in rank_metrics(S, qp, gp).items()}
+def _rounded(m: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in m.items()}
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -427,14 +425,20 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
 
     t0 = time.perf_counter()
     qp, gp = q_view.query_pids, gal_view.gallery_pids
-    base_m = _metrics(S, qp, gp)
+    # the base's per-query values once; each round / λ / ξ re-ranks only its refined rows (no Q x G copy)
+    from mllm_tune.core.metrics import mean_metrics, per_query_metrics
+
+    base_pq = per_query_metrics(S, qp, gp)
+    base_m = _rounded(mean_metrics(base_pq))
     rounds = []
     for r in range(cfg.rounds):
-        rounds.append({"round": r + 1, **_metrics(res.scores(r), qp, gp), "refined": res.refined_count(r)})
+        rounds.append({"round": r + 1, **_rounded(res.metrics(qp, gp, r, base_per_query=base_pq)),
+                       "refined": res.refined_count(r)})
     peer = peer_rounds(res, qp, gp)
     by_round = calls_by_round(res, rounds)
     t_metrics = time.perf_counter() - t0
-    lam_sweep = [{"lambda": lam, **_metrics(res.scores(lam=lam), qp, gp)} for lam in args.lambda_sweep]
+    lam_sweep = [{"lambda": lam, **_rounded(res.metrics(qp, gp, lam=lam, base_per_query=base_pq))}
+                 for lam in args.lambda_sweep]
 
     xis = args.xi_sweep if args.xi_sweep is not None else [round(xi + d, 4) for d in (-0.1, -0.05, 0.05, 0.1)]
     xi_sweep = []
@@ -443,7 +447,7 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
         r_x = run_thi(S, q_view.query_texts, gal_view.gallery_paths, cached, retrieval.encode_text, retrieval.gallery,
                       THIConfig(rounds=cfg.rounds, xi=x, lam=cfg.lam, gate=cfg.gate, exhaustive=cfg.exhaustive,
                                 batch_size=cfg.batch_size), prompts, progress=False)
-        xi_sweep.append({"xi": x, **_metrics(r_x.scores(), qp, gp), "refined": r_x.refined_count()})
+        xi_sweep.append({"xi": x, **_rounded(r_x.metrics(qp, gp, base_per_query=base_pq)), "refined": r_x.refined_count()})
     if any(abs(x["xi"] - xi) < 1e-12 for x in xi_sweep) is False:
         xi_sweep.append({"xi": xi, **rounds[-1]})
         xi_sweep[-1].pop("round", None)
@@ -614,11 +618,17 @@ def make_plots(out: Path, results: dict, res: THIResult, q_view, gal_view, n_str
     if len(results["xi_sweep"]) > 1:
         figs["xi_sweep"] = plots.sweep([e["xi"] for e in results["xi_sweep"]], results["xi_sweep"],
                                        out / "xi_sweep.png", "ξ", results["base"], label)
+    if results.get("peer_metrics"):
+        figs["peer_vs_round"] = plots.peer_vs_round(results["peer_metrics"], out / "peer_vs_round.png", label)
+    if results.get("calls_by_round"):
+        figs["r1_vs_calls"] = plots.r1_vs_calls(results["base"]["R1"], results["calls_by_round"],
+                                                out / "r1_vs_calls.png", label)
     if n_strips > 0 and res.refined:
-        # prefer queries whose top-1 changed
-        after = res.scores()
-        changed = [q for q in res.refined if int(res.base[q].argmax()) != int(after[q].argmax())]
+        # prefer queries whose top-1 changed; only the drawn rows of Ŝ are built
+        top1 = res.top1()
+        changed = [q for q in res.refined if int(res.base[q].argmax()) != int(top1[q])]
         pick = (changed + [q for q in res.refined if q not in changed])[:n_strips]
+        after = dict(zip(pick, res.score_rows(pick)))
         figs["top10_strips"] = plots.topk_strips(res.base, after, pick, q_view.query_texts, q_view.query_pids,
                                                  gal_view.gallery_paths, gal_view.gallery_pids,
                                                  out / "top10_strips.png", label=label)

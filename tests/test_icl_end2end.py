@@ -33,7 +33,7 @@ def test_oracle_end_to_end_outputs(synth_root, tmp_path):
     refined = [x for x in lines if x["refined_round"] is not None]
     assert all(x["anchor_correct"] for x in refined)  # identity oracle: anchors are right by construction
     assert all(x["refined_text"].startswith(x["caption"].rstrip(".")) for x in refined)
-    for name in ("metrics_vs_round", "lambda_sweep", "xi_sweep", "top10_strips"):
+    for name in ("metrics_vs_round", "lambda_sweep", "xi_sweep", "top10_strips", "peer_vs_round", "r1_vs_calls"):
         assert (out / f"{name}.png").stat().st_size > 1000
     assert "SIMULATION" in (out / "table.md").read_text()
     # the same command again is answered entirely from the cache, with identical numbers

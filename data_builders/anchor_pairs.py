@@ -119,8 +119,10 @@ def run(
     batch_size: int = 64,
     export: str | None = None,
     progress: bool = True,
+    clean_set: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Mine and write everything; returns stats.json's content (plus ``out``)."""
+    """Mine and write everything; returns stats.json's content (plus ``out``). ``clean_set``: an
+    RDE consensus ``clean.json`` (or the folder holding it): captions outside it give no pair."""
     import datasets
 
     from mllm_tune.core.pedes import load_pedes
@@ -139,7 +141,19 @@ def run(
     logger.info("encoding %d images and %d captions of %s/%s", len(view.gallery_paths), len(view.query_texts),
                 dataset, SPLIT)
     txt, img = _encode(model, view, cache_dir, batch_size, progress)
-    pairs, mstats = mine(txt, img, view.query_pids, view.gallery_pids, view.query_image_index, opts, progress)
+    clean_info = None
+    keep = None
+    if clean_set is not None:
+        from mllm_tune.core.clean_set import read_clean_set_file
+
+        clean_info = read_clean_set_file(clean_set)
+        keep = clean_info["caption_indices"]
+        logger.info("RDE consensus clean set %s: %d of %d training captions kept", clean_info["path"], len(keep),
+                    len(view.query_texts))
+    pairs, mstats = mine(txt, img, view.query_pids, view.gallery_pids, view.query_image_index, opts, progress, keep)
+    if clean_info is not None:
+        mstats["clean_set"] = {"kind": "rde-consensus", "file": clean_info["path"], "captions": len(keep),
+                               "epoch": clean_info.get("epoch"), "fractions": clean_info.get("fractions")}
     if len(pairs) == 0:
         raise ValueError("no pairs were mined: loosen --clean-top-r or raise --top-k")
 
@@ -200,7 +214,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--positives-per-caption", type=int, default=d.positives_per_caption)
     ap.add_argument("--yes-no-ratio", type=float, default=None, help="overall Yes:No, e.g. 1.0 (default: keep all)")
     ap.add_argument("--clean-top-r", type=int, default=None,
-                    help="keep captions whose own identity ranks within the top-R")
+                    help="keep captions whose own identity ranks within the top-R (a rank proxy of a clean set)")
+    ap.add_argument("--clean", choices=["none", "rde-consensus"], default="none",
+                    help="rde-consensus: captions only from RDE's consensus clean set (the authors' choice), read "
+                         "from --clean-set or clean.json beside the rde: checkpoint / in the retriever folder")
+    ap.add_argument("--clean-set", default=None, help="clean.json written by mllm_tune.retriever_train (RDE)")
     ap.add_argument("--max-pairs", type=int, default=None, help="cap on pairs (keeps the Yes:No ratio)")
     ap.add_argument("--negative-pick", choices=["random", "hardest"], default=d.negative_pick)
     ap.add_argument("--seed", type=int, default=d.seed)
@@ -224,8 +242,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         yes_no_ratio=a.yes_no_ratio, clean_top_r=a.clean_top_r, max_pairs=a.max_pairs,
         negative_pick=a.negative_pick, seed=a.seed, chunk_size=a.chunk_size,
     )
+    clean_set = a.clean_set
+    if a.clean == "rde-consensus" and clean_set is None:
+        head = Path(a.retriever.split("?", 1)[0].split(":", 1)[-1])  # rde:PATH/best.pth or a retriever folder
+        clean_set = head if head.is_dir() else head.parent
+    elif a.clean == "none" and clean_set is not None:
+        a.clean = "rde-consensus"
+    # a missing clean.json is a FileNotFoundError naming the file and how to make it (one error line)
     return run(a.dataset_root, a.dataset, a.retriever, a.out, opts, a.eval_fraction, a.prompts, a.cache_dir,
-               a.batch_size, a.export, not a.no_progress)
+               a.batch_size, a.export, not a.no_progress, clean_set if a.clean == "rde-consensus" else None)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -190,14 +190,24 @@ def score_candidates(
 
 
 def select_pairs(cands: Candidates, caption_pids: torch.Tensor, image_pids: torch.Tensor,
-                 opts: MiningOptions) -> tuple[Pairs, dict[str, Any]]:
-    """Apply the clean filter, pick negatives, balance Yes:No, cap; deterministic for the seed."""
+                 opts: MiningOptions, clean_captions: Any = None) -> tuple[Pairs, dict[str, Any]]:
+    """Apply the clean filters, pick negatives, balance Yes:No, cap; deterministic for the seed.
+
+    ``clean_captions``: caption indices to keep (e.g. RDE's consensus clean set), or None."""
     num_c = caption_pids.numel()
     k = min(opts.top_k, cands.top_idx.shape[1])
     keep_cap = np.ones(num_c, dtype=bool)
     if opts.clean_top_r is not None:
         r = cands.identity_rank.numpy()
         keep_cap = (r >= 0) & (r < opts.clean_top_r)
+    if clean_captions is not None:
+        idx = np.fromiter(clean_captions, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= num_c):
+            raise ValueError(f"the clean set names caption {int(idx.max())}, but the split has {num_c} captions: "
+                             "was it written for this dataset's training split?")
+        in_set = np.zeros(num_c, dtype=bool)
+        in_set[idx] = True
+        keep_cap &= in_set
     info: dict[str, Any] = {"captions": int(num_c), "captions_kept": int(keep_cap.sum())}
 
     # negatives: top-k entries of another identity
@@ -282,13 +292,15 @@ def mine(
     caption_image: Any,
     opts: MiningOptions = MiningOptions(),
     progress: bool = True,
+    clean_captions: Any = None,
 ) -> tuple[Pairs, dict[str, Any]]:
-    """Mine Z+/Z- pairs. Returns the pairs and statistics (counts, ratio, rank histograms)."""
+    """Mine Z+/Z- pairs. Returns the pairs and statistics (counts, ratio, rank histograms).
+    ``clean_captions``: only these caption indices give pairs (RDE's clean set; None: all)."""
     tf, imf, cp, ip, ci = check_inputs(text_feats, image_feats, caption_pids, image_pids, caption_image)
     pos_idx = choose_positives(cp, ip, ci, opts.positives_per_caption, opts.seed)
     k_keep = max(opts.top_k, opts.clean_top_r or 0)
     cands = score_candidates(tf, imf, cp, ip, pos_idx, k_keep, opts.chunk_size, progress)
-    pairs, info = select_pairs(cands, cp, ip, opts)
+    pairs, info = select_pairs(cands, cp, ip, opts, clean_captions)
     stats = pair_stats(pairs, cands, info, opts)
     logger.info("mined %d Yes + %d No pairs from %d captions", stats["yes"], stats["no"], stats["captions_kept"])
     return pairs, stats

@@ -26,6 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mllm_tune.core.clean_set import CLEAN_FILE, CLEAN_FORMAT, read_clean_set  # noqa: F401 - re-exported
+
 _FAR = -1e4  # "excluded" logit: finite, so a row without negatives has zero loss and gradient
 
 
@@ -139,7 +141,6 @@ def clean_set_quality(clean: torch.Tensor | np.ndarray, truly_clean: Sequence[bo
 
 # -- the clean set on disk (what the miner reads) -----------------------------------------------
 
-CLEAN_FILE = "clean.json"
 
 
 def write_clean_set(path: str | Path, clean: torch.Tensor | np.ndarray, caption_of_pair: Sequence[int] | np.ndarray,
@@ -155,31 +156,13 @@ def write_clean_set(path: str | Path, clean: torch.Tensor | np.ndarray, caption_
     if cap.shape != sel.shape:
         raise ValueError(f"clean mask has {sel.shape[0]} pairs but caption_of_pair has {cap.shape[0]}")
     pairs = np.flatnonzero(sel)
-    blob = {"format": "rde-consensus-clean-set/1", "num_pairs": int(sel.shape[0]), "num_clean": int(len(pairs)),
+    blob = {"format": CLEAN_FORMAT, "num_pairs": int(sel.shape[0]), "num_clean": int(len(pairs)),
             **info, "pair_indices": pairs.tolist(), "caption_indices": sorted(set(cap[pairs].tolist()))}
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(blob), encoding="utf-8")
     tmp.replace(path)
     return path
-
-
-def read_clean_set(path: str | Path) -> set[int]:
-    """The caption indices (into the training split's ``query_texts``) of a saved clean set; ``path``
-    is the file or the training output folder that holds ``clean.json``."""
-    import json
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / CLEAN_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no RDE clean set; train with `python -m mllm_tune.retriever_train "
-                                "recipes/retriever_rde.yaml ...`, which writes clean.json beside the checkpoint")
-    try:
-        blob = json.loads(path.read_text(encoding="utf-8"))
-        return {int(i) for i in blob["caption_indices"]}
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: not an RDE clean-set file ({exc}); expected JSON with 'caption_indices'") from exc
 
 
 def rde_loss(sims: dict[str, torch.Tensor], pids: torch.Tensor, clean: torch.Tensor, gamma: float = 0.0,

@@ -179,8 +179,10 @@ def apply_noise(examples: list[Example], caption_of_pair: np.ndarray) -> list[Ex
 
 
 class CaptionImageDataset(torch.utils.data.Dataset):
-    def __init__(self, examples: list[Example], paths: list[str], size: tuple[int, int], cached: list | None):
+    def __init__(self, examples: list[Example], paths: list[str], size: tuple[int, int], cached: list | None,
+                 resample: str = "bicubic"):
         self.examples, self.paths, self.size, self.cached = examples, paths, size, cached
+        self.resample = resample  # the retriever's own filter (bilinear for irra:/rde:, as released)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -189,7 +191,7 @@ class CaptionImageDataset(torch.utils.data.Dataset):
         from .core.retrievers.base import load_resized
 
         ex = self.examples[i]
-        img = self.cached[ex.image] if self.cached is not None else load_resized(self.paths[ex.image], self.size)
+        img = self.cached[ex.image] if self.cached is not None else load_resized(self.paths[ex.image], self.size, self.resample)
         return {"image": img, "caption": ex.caption, "pid": ex.pid, "key": ex.key, "index": ex.index}
 
 
@@ -393,12 +395,13 @@ def _modules(retriever) -> list[nn.Module]:
     return [retriever.model]
 
 
-def _preload(paths: list[str], size: tuple[int, int], progress: bool, desc: str) -> list[np.ndarray]:
+def _preload(paths: list[str], size: tuple[int, int], progress: bool, desc: str,
+             resample: str = "bicubic") -> list[np.ndarray]:
     from tqdm import tqdm
 
     from .core.retrievers.base import load_resized
 
-    return [load_resized(p, size) for p in tqdm(paths, desc=desc, unit="img", disable=not progress)]
+    return [load_resized(p, size, resample) for p in tqdm(paths, desc=desc, unit="img", disable=not progress)]
 
 
 def _want_cache(cfg: TrainConfig, n_images: int, size: tuple[int, int]) -> bool:
@@ -483,11 +486,12 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     clip = retriever.clip if is_rde else retriever
 
     size = retriever.image_size
+    resample = clip.resample  # train on the images the retriever will see at test time
     cache = _want_cache(cfg, len(train_view.gallery_paths), size)
     show = cfg.progress and acc.is_local_main_process
-    train_imgs = _preload(train_view.gallery_paths, size, show, "train images") if cache else None
-    val_imgs = _preload(val_view.gallery_paths, size, show, "val images") if cache and val_view else None
-    test_imgs = _preload(test_view.gallery_paths, size, show, "test images") if cache and test_view else None
+    train_imgs = _preload(train_view.gallery_paths, size, show, "train images", resample) if cache else None
+    val_imgs = _preload(val_view.gallery_paths, size, show, "val images", resample) if cache and val_view else None
+    test_imgs = _preload(test_view.gallery_paths, size, show, "test images", resample) if cache and test_view else None
 
     model = clip.model
     mask_id = add_mask_token(model, clip.tokenizer) if cfg.token_noise > 0 else None
@@ -499,7 +503,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     else:
         module = DualEncoder(model, clip.eos_id)
     collate = Collator(clip.tokenizer, clip.text_length, clip.mean, clip.std, cfg, rda, mask_id, pad_to_max=is_rde)
-    ds = CaptionImageDataset(examples, train_view.gallery_paths, size, train_imgs)
+    ds = CaptionImageDataset(examples, train_view.gallery_paths, size, train_imgs, resample)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
                                          num_workers=cfg.num_workers, collate_fn=collate)
     optimizer = _optimizer(cfg, module, is_rde)

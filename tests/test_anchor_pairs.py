@@ -156,3 +156,24 @@ def test_errors(synth_root, tiny_clip, tmp_path):
     with pytest.raises(ValueError, match="cannot exceed top_k"):
         anchor_pairs.main([*base, "--dataset", "cuhk-pedes", "--top-k", "2", "--negatives-per-caption", "3"])
     assert not (tmp_path / "x").exists()  # nothing written on failure
+
+
+def test_rde_consensus_clean_set_keeps_only_its_captions(synth_root, tiny_clip, tmp_path):
+    import json
+
+    from data_builders.anchor_pairs import cli, main
+    from mllm_tune.core.pedes import load_pedes
+
+    n = len(load_pedes(synth_root, "synthpedes").split("train").query_texts)
+    keep = list(range(0, n, 3))
+    folder = tmp_path / "rde_run"
+    folder.mkdir()
+    (folder / "clean.json").write_text(json.dumps({"format": "rde-consensus-clean-set/1", "num_pairs": n,
+                                                   "caption_indices": keep, "epoch": 3}))
+    base = ["--dataset-root", str(synth_root), "--dataset", "synthpedes", "--retriever", str(tiny_clip), "--no-progress"]
+    stats = main(base + ["--out", str(tmp_path / "p"), "--clean", "rde-consensus", "--clean-set", str(folder)])
+    rows = [json.loads(x) for x in (tmp_path / "p" / "pairs.jsonl").read_text().splitlines()]
+    assert rows and {r["caption_index"] for r in rows} <= set(keep)
+    assert stats["captions_kept"] <= len(keep) and stats["clean_set"]["captions"] == len(keep)
+    # no clean.json where --clean rde-consensus looks: one error line naming the file
+    assert cli(base + ["--out", str(tmp_path / "q"), "--clean", "rde-consensus", "--clean-set", str(tmp_path)]) == 2

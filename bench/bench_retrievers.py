@@ -80,6 +80,27 @@ def run(smoke: bool = False) -> dict:
             figures[name] = fig
             rows.append([name, n_img, f"{ips:.1f}", n_txt, f"{tps:.1f}", f"{dt_miss:.3f}", f"{dt_hit * 1000:.2f}",
                          f"{fig['cache_speedup']:.0f}x"])
+        # a retriever from outside through the plugin interface: precomputed features (features:DIR),
+        # the base ranking without running an image model (docs/retrievers.md)
+        import json
+
+        from safetensors.torch import save_file
+
+        r = load_retriever(str(tiny), device="cpu")
+        n = min(len(paths), 16 if smoke else len(paths))
+        fdir = tmp / "features"
+        fdir.mkdir()
+        save_file({"x": r.encode_images(paths[:n], progress=False)}, fdir / "gallery.safetensors")
+        save_file({"x": r.encode_texts(texts[:n], progress=False)}, fdir / "queries.safetensors")
+        (fdir / "gallery_paths.json").write_text(json.dumps(paths[:n]))
+        (fdir / "queries.json").write_text(json.dumps(texts[:n]))
+        (fdir / "features.json").write_text(json.dumps({"text_encoder": str(tiny), "name": "bench"}))
+        fr = load_retriever(f"features:{fdir}")
+        _, f_ips = _rate(lambda: fr.encode_images(paths[:n]), n)
+        _, f_tps = _rate(lambda: fr.encode_texts(texts[:n]), n)
+        assert torch.equal(fr.encode_images(paths[:n]), r.encode_images(paths[:n], progress=False))
+        figures["features:DIR"] = {"images": n, "images_per_s": f_ips, "texts_per_s": f_tps}
+        rows.append(["features:DIR (tiny CLIP's, precomputed)", n, f"{f_ips:.0f}", n, f"{f_tps:.0f}", "-", "-", "-"])
     md = md_table(["retriever", "images", "images/s", "texts", "texts/s", "gallery cache miss s",
                    "cache hit ms", "hit speed-up"], rows)
     md += ("\n\nCPU, float32, batch 64 images / 256 texts, "

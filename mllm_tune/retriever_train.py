@@ -132,18 +132,12 @@ def sdm_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, pids: torch.Te
 
 def tal_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, pids: torch.Tensor, tau: float,
              margin: float) -> torch.Tensor:
-    """RDE's TAL, both directions: hinge(margin + tau*logsumexp(negatives/tau) - weighted positives),
-    the positives weighted by a (detached) softmax of their own scores at temperature tau."""
+    """RDE's TAL on the CLIP features, both directions, averaged over the batch (the CLIP path;
+    RDE itself sums per-sample losses weighted by its clean mask, ``rde_objectives.rde_loss``)."""
+    from .rde_objectives import tal_per_sample
+
     sim = F.normalize(image_feats, dim=-1) @ F.normalize(text_feats, dim=-1).T
-    same = _same_identity(pids)
-    far = -1e4  # "excluded": finite, so that a row without negatives has zero loss and gradient
-    total = sim.new_zeros(sim.shape[0])
-    for s in (sim, sim.T):
-        w = (s / tau).masked_fill(~same, far).softmax(dim=1).detach()
-        pos = (w * s).sum(dim=1)
-        neg = tau * torch.logsumexp((s / tau).masked_fill(same, far), dim=1)
-        total = total + (neg - pos + margin).clamp(min=0)
-    return total.mean()
+    return tal_per_sample(sim, pids, tau, margin).mean()
 
 
 def matching_loss(cfg: TrainConfig, image_feats, text_feats, pids) -> torch.Tensor:

@@ -14,6 +14,7 @@ import eval.icl_end2end as e2e
 from mllm_tune.core.backends import CachedBackend, MLLMBackend, MLLMRequest, make_backend
 from mllm_tune.core.backends import cache as cache_mod
 from mllm_tune.core.backends.cache import (filesystem_type, is_network_fs, merge_caches, merge_shards, shard_files)
+from spies import Dies
 
 
 class Counting(MLLMBackend):
@@ -114,27 +115,6 @@ class _State:
 
     def wait_for_everyone(self) -> None:
         self.barrier.wait(timeout=300)
-
-
-class Dies:
-    """A backend that raises (like a kill) on its n-th batch and records what it was asked."""
-
-    def __init__(self, inner, die_at: int = -1) -> None:
-        self.inner, self.die_at, self.batches, self.asked = inner, die_at, 0, []
-        self.kind, self.simulated = inner.kind, inner.simulated
-
-    def identity(self):
-        return self.inner.identity()
-
-    def generate(self, reqs):
-        self.batches += 1
-        if self.batches == self.die_at:
-            raise KeyboardInterrupt("killed")
-        self.asked += reqs
-        return self.inner.generate(reqs)
-
-    def close(self):
-        pass
 
 
 def _args(root, out):

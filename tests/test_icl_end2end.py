@@ -9,6 +9,7 @@ import pytest
 
 from eval.icl_end2end import build_parser, main, run
 from mllm_tune.core.backends import make_backend
+from spies import Dies
 
 
 def _argv(root, out, *extra):
@@ -42,27 +43,6 @@ def test_oracle_end_to_end_outputs(synth_root, tmp_path):
     # minimal and exhaustive modes: same numbers, fewer T_loc calls
     ex = main(_argv(synth_root, tmp_path / "ex", "--exhaustive"))
     assert ex["rounds"] == saved["rounds"] and ex["calls"]["loc"] > saved["calls"]["loc"]
-
-
-class Dies:
-    """Wraps a backend and raises (like a kill) on the n-th batch."""
-
-    def __init__(self, inner, die_at: int) -> None:
-        self.inner, self.die_at, self.batches, self.asked = inner, die_at, 0, []
-        self.kind, self.simulated = inner.kind, inner.simulated
-
-    def identity(self):
-        return self.inner.identity()
-
-    def generate(self, reqs):
-        self.batches += 1
-        if self.batches == self.die_at:
-            raise KeyboardInterrupt("killed")
-        self.asked += reqs
-        return self.inner.generate(reqs)
-
-    def close(self):
-        pass
 
 
 def test_killed_run_resumes_without_repeating_calls(synth_root, tmp_path):

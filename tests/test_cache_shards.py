@@ -263,9 +263,9 @@ def test_sigkilled_two_process_run_resumes_in_one(synth_root, tmp_path):
     ref = e2e.run(e2e.build_parser().parse_args(argv(tmp_path / "ref")),
                   backend=e2e.build_backend(args, load_prompts(None)))
     assert res["rounds"] == ref["rounds"] and res["calls"] == ref["calls"]
-    # the resumed run asked exactly the distinct answers the undisturbed run holds minus those kept
-    # (backend_calls of a run can count a request twice, e.g. across the ξ sweep; the cache cannot)
-    assert sum(res["backend_calls"].values()) + len(kept) == _rows(tmp_path / "ref" / "cache" / "answers.sqlite")
+    # the resumed run asked at most what the undisturbed run holds minus what was kept (fewer when a
+    # dying worker still wrote an answer after `kept` was read: those are reused, not asked)
+    assert sum(res["backend_calls"].values()) + len(kept) <= _rows(tmp_path / "ref" / "cache" / "answers.sqlite")
     assert shard_files(out / "cache") == [] and res["config"]["processes"] == 1
     print("RESUME " + json.dumps({"killed_shard_rows": rows, "kept_answers": len(kept),
                                   "resume_backend_calls": sum(res["backend_calls"].values()),

@@ -14,7 +14,7 @@ import eval.icl_end2end as e2e
 from mllm_tune.core.backends import CachedBackend, MLLMBackend, MLLMRequest, make_backend
 from mllm_tune.core.backends import cache as cache_mod
 from mllm_tune.core.backends.cache import (filesystem_type, is_network_fs, merge_caches, merge_shards, shard_files)
-from spies import Dies
+from spies import Dies, two_process_launch
 
 
 class Counting(MLLMBackend):
@@ -207,9 +207,7 @@ def test_sigkilled_two_process_run_resumes_in_one(synth_root, tmp_path):
     what they had answered) and resumed by a 1-process run, which asks none of those answers again."""
     import os
     import signal
-    import socket
     import subprocess
-    import sys
     import time
 
     from mllm_tune.core.backends.cache import identity_hash, request_key
@@ -218,13 +216,7 @@ def test_sigkilled_two_process_run_resumes_in_one(synth_root, tmp_path):
     extra = ["--oracle-latency", "0.2", "--batch-size", "4"]
     argv = lambda out: [*_argv_list(synth_root, out), *extra]  # noqa: E731
     out = tmp_path / "k"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    accelerate = Path(sys.executable).parent / "accelerate"
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "-m", "eval.icl_end2end", *argv(out)]
+    cmd = two_process_launch(argv(out))
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     rows, deadline = {}, time.time() + 400

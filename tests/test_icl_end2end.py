@@ -9,7 +9,7 @@ import pytest
 
 from eval.icl_end2end import build_parser, main, run
 from mllm_tune.core.backends import make_backend
-from spies import Dies
+from spies import Dies, two_process_launch
 
 
 def _argv(root, out, *extra):
@@ -73,19 +73,11 @@ def test_queries_without_gallery_positive_fail_clearly(synth_root, tmp_path):
 @pytest.mark.slow
 def test_accelerate_two_processes_match_one(synth_root, tmp_path):
     import os
-    import socket
     import subprocess
-    import sys
     from pathlib import Path
 
     one = main(_argv(synth_root, tmp_path / "one", "--no-plots"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    accelerate = Path(sys.executable).parent / "accelerate"
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "-m", "eval.icl_end2end", *_argv(synth_root, tmp_path / "two", "--no-plots")]
+    cmd = two_process_launch(_argv(synth_root, tmp_path / "two", "--no-plots"))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]

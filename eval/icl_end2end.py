@@ -21,6 +21,7 @@ a single-process run (docs/multinode.md). ``--mllm openai`` takes ``--base-url``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from typing import Any, Sequence
 
 import torch
 
-from eval.thi import GATES, THIConfig, THIResult, run_thi
+from eval.thi import ANCHOR_RULES, GATES, THIConfig, THIResult, run_thi
 from mllm_tune.core.backends import (
     BACKEND_KINDS,
     BackendError,
@@ -57,6 +58,9 @@ METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
 # The embedded default run lives with the SynthPEDES simulation; it is reached by name so that
 # this harness never imports the simulation (and still works with synthpedes/ deleted).
 DEFAULT_RUN = "synthpedes.demo_assets:icl_end2end_default_args"
+
+
+DEFAULT_TAU_SWEEP = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def default_args() -> list[str]:
@@ -129,12 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gate", choices=GATES, default="released")
     t.add_argument("--exhaustive", action="store_true", help="ask every T_loc call the released code asks")
     t.add_argument("--batch-size", type=int, default=128, help="MLLM requests per batch")
+    t.add_argument("--tau", type=float, default=None,
+                   help="accept a T_loc Yes when p_yes > τ (default: the released text rule; 0.5 = greedy Yes/No)")
+    t.add_argument("--anchor", choices=ANCHOR_RULES, default="first",
+                   help="beyond the paper: 'max-p' takes the candidate with the highest p_yes among those asked "
+                        "as the anchor, instead of the first Yes")
+    t.add_argument("--fuse", type=float, default=0.0,
+                   help="beyond the paper: add FUSE x (p_yes - 0.5) to the re-ranked score of every candidate asked")
     o = ap.add_argument_group("output")
     o.add_argument("--out", required=True)
     o.add_argument("--cache-dir", default=None, help="answer cache folder (default OUT/cache)")
     o.add_argument("--lambda-sweep", type=float, nargs="*", default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     o.add_argument("--xi-sweep", type=float, nargs="*", default=None,
                    help="ξ values re-run through the answer cache (default ξ±0.05, ξ±0.1; empty to skip)")
+    o.add_argument("--tau-sweep", type=float, nargs="*", default=None,
+                   help="τ values of a ξ x τ grid of R1/mAP replayed from the answer cache (no T_loc call; "
+                        f"no values: {' '.join(map(str, DEFAULT_TAU_SWEEP))}); the run asks what the grid needs")
     o.add_argument("--strips", type=int, default=4, help="queries in the top-10 strip figure (0: none)")
     o.add_argument("--no-plots", action="store_true")
     o.add_argument("--no-progress", action="store_true")
@@ -269,7 +283,10 @@ def format_table(res: dict) -> str:
             else c["target"])  # a cross-domain run (Tables 3-4) says so in its title
     title = (f"{data} ({c['split']}): {res['num_queries']} queries x {res['num_gallery']} images, "
              f"retriever {c['retriever_short']}, MLLM {c['mllm']}, K={c['rounds']} ξ={c['xi']} λ={c['lambda']} "
-             f"gate={c['gate']}{' exhaustive' if c['exhaustive'] else ''}")
+             f"gate={c['gate']}{' exhaustive' if c['exhaustive'] else ''}"
+             f"{'' if c.get('tau') is None else ' τ=' + str(c['tau'])}"
+             f"{'' if c.get('anchor', 'first') == 'first' else ' anchor=' + c['anchor']}"
+             f"{' fuse=' + str(c['fuse']) if c.get('fuse') else ''}")
     lines = [title]
     if res["simulated"]:
         lines.insert(0, " | ".join(res["simulation_notes"]))
@@ -278,8 +295,23 @@ def format_table(res: dict) -> str:
                      f"sent to the backend {sum(res['backend_calls'].values())}, cache hits {sum(res['cache_hits'].values())}"]
     if res.get("peer_metrics"):
         lines += ["", peer_table(res)]
+    if res.get("tau_grid"):
+        lines += ["", grid_table(res["tau_grid"])]
     if res.get("paper_comparison"):
         lines += ["", res["paper_comparison"].rstrip()]
+    return "\n".join(lines)
+
+
+def grid_table(grid: list[dict]) -> str:
+    """R1 / mAP over the ξ x τ grid: one row per ξ, one column per τ."""
+    taus = sorted({e["tau"] for e in grid})
+    cell = {(e["xi"], e["tau"]): e for e in grid}
+    lines = ["R1 / mAP over ξ (rows) x τ (columns), replayed from the answer cache:",
+             "| ξ \\ τ | " + " | ".join(f"{t:>11g}" for t in taus) + " |",
+             "|------|" + "|".join("-" * 13 for _ in taus) + "|"]
+    for x in sorted({e["xi"] for e in grid}):
+        lines.append(f"| {x:<4g} | " + " | ".join(f"{cell[(x, t)]['R1']:>5.2f}/{cell[(x, t)]['mAP']:<5.2f}"
+                                                 for t in taus) + " |")
     return "\n".join(lines)
 
 
@@ -382,8 +414,16 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
     # one cache file per process when sharded (safe on a network file system), else answers.sqlite
     cached = CachedBackend(inner, cache_dir, shard=rank if world > 1 else None)
     offloaded = bool(args.mllm == "vllm" and backend is None and retrieval.release_gpu())
-    cfg = THIConfig(rounds=args.rounds, xi=xi, lam=args.lam, gate=args.gate, exhaustive=args.exhaustive,
-                    batch_size=args.batch_size)
+    xis = args.xi_sweep if args.xi_sweep is not None else [round(xi + d, 4) for d in (-0.1, -0.05, 0.05, 0.1)]
+    taus = None if args.tau_sweep is None else (list(args.tau_sweep) or list(DEFAULT_TAU_SWEEP))
+    grid_xis = sorted({*xis, xi})
+    # a τ grid is replayed from the cache: this run asks every T_loc answer the grid (and the ξ sweep) needs
+    cover = tuple((x, t) for x in grid_xis for t in [*(taus or []), args.tau]) if taus else ()
+    try:
+        cfg = THIConfig(rounds=args.rounds, xi=xi, lam=args.lam, gate=args.gate, exhaustive=args.exhaustive,
+                        batch_size=args.batch_size, tau=args.tau, anchor=args.anchor, fuse=args.fuse, cover=cover)
+    except ValueError as exc:
+        raise CLIError(f"THI settings: {exc}") from None
     progress = not args.no_progress
     S = retrieval.base
 
@@ -440,19 +480,30 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
     lam_sweep = [{"lambda": lam, **_rounded(res.metrics(qp, gp, lam=lam, base_per_query=base_pq))}
                  for lam in args.lambda_sweep]
 
-    xis = args.xi_sweep if args.xi_sweep is not None else [round(xi + d, 4) for d in (-0.1, -0.05, 0.05, 0.1)]
     xi_sweep = []
     sweep_calls_before = sum(cached.calls.values())
     for x in xis:
         r_x = run_thi(S, q_view.query_texts, gal_view.gallery_paths, cached, retrieval.encode_text, retrieval.gallery,
-                      THIConfig(rounds=cfg.rounds, xi=x, lam=cfg.lam, gate=cfg.gate, exhaustive=cfg.exhaustive,
-                                batch_size=cfg.batch_size), prompts, progress=False)
+                      dataclasses.replace(cfg, xi=x, cover=()), prompts, progress=False)
         xi_sweep.append({"xi": x, **_rounded(r_x.metrics(qp, gp, base_per_query=base_pq)), "refined": r_x.refined_count()})
     if any(abs(x["xi"] - xi) < 1e-12 for x in xi_sweep) is False:
         xi_sweep.append({"xi": xi, **rounds[-1]})
         xi_sweep[-1].pop("round", None)
     xi_sweep.sort(key=lambda e: e["xi"])
     sweep_calls = sum(cached.calls.values()) - sweep_calls_before
+    tau_grid, grid_calls = [], {}
+    if taus:
+        before = dict(cached.calls)
+        for x in grid_xis:
+            for t in taus:
+                r_xt = run_thi(S, q_view.query_texts, gal_view.gallery_paths, cached, retrieval.encode_text,
+                               retrieval.gallery, dataclasses.replace(cfg, xi=x, tau=t, cover=()), prompts,
+                               progress=False)
+                tau_grid.append({"xi": x, "tau": t, **_rounded(r_xt.metrics(qp, gp, base_per_query=base_pq)),
+                                 "refined": r_xt.refined_count()})
+        grid_calls = {k: v - before.get(k, 0) for k, v in cached.calls.items() if v - before.get(k, 0)}
+        if grid_calls.get("loc"):
+            logger.warning("the ξ x τ grid asked %d T_loc calls the run had not asked", grid_calls["loc"])
 
     identity = inner.identity()
     simulated = bool(inner.simulated or retrieval.simulated)
@@ -477,6 +528,10 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
                          else "not applicable"),
         "decoding": identity.get("decoding"), "rounds": cfg.rounds, "xi": xi, "lambda": cfg.lam, "gate": cfg.gate,
         "exhaustive": cfg.exhaustive, "batch_size": cfg.batch_size, "processes": world,
+        "tau": cfg.tau, "anchor": cfg.anchor, "fuse": cfg.fuse,
+        "loc_decision": ("released text rule (an answer containing 'yes')" if cfg.tau is None
+                         else f"p_yes > {cfg.tau}") + ("" if cfg.anchor == "first" else "; anchor: highest p_yes (option a)")
+                        + (f"; p_yes fused into the re-ranking with weight {cfg.fuse} (option b)" if cfg.fuse else ""),
         "prompts": args.prompts or "default", "cache_dir": str(cache_dir),
     }
     results = {
@@ -514,6 +569,8 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
         },
         "lambda_sweep": lam_sweep,
         "xi_sweep": xi_sweep,
+        "loc_scores": loc_score_report(res, inner),
+        **({"tau_grid": tau_grid, "tau_grid_backend_calls": grid_calls} if taus else {}),
     }
     results["paper_comparison"] = paper_section(results)
     write_decisions(out / "decisions.jsonl", res, q_view, gal_view)
@@ -570,6 +627,18 @@ def backend_config(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
+def loc_score_report(res: THIResult, backend: MLLMBackend) -> dict[str, Any]:
+    """How many T_loc answers of the run carry p_yes, their mean, and (hf) how many needed
+    ``generate`` because the greedy first token was neither Yes nor No."""
+    ps = [p for d in res.decisions for p in d.p_yes.values()]
+    scored = [p for p in ps if p is not None]
+    out: dict[str, Any] = {"answers": len(ps), "scored": len(scored),
+                           "mean_p_yes": round(sum(scored) / len(scored), 4) if scored else None}
+    if hasattr(backend, "loc_generated"):
+        out["first_token_not_yes_no"] = int(backend.loc_generated)
+    return out
+
+
 def _server_report(backend: MLLMBackend) -> dict[str, Any]:
     """Requests, errors, retries and seconds lost per server (openai backend), else nothing."""
     stats = getattr(backend, "server_stats", None)
@@ -618,6 +687,8 @@ def make_plots(out: Path, results: dict, res: THIResult, q_view, gal_view, n_str
     if len(results["xi_sweep"]) > 1:
         figs["xi_sweep"] = plots.sweep([e["xi"] for e in results["xi_sweep"]], results["xi_sweep"],
                                        out / "xi_sweep.png", "ξ", results["base"], label)
+    if results.get("tau_grid"):
+        figs["xi_tau_grid"] = plots.grid_heatmap(results["tau_grid"], out / "xi_tau_grid.png", label)
     if results.get("peer_metrics"):
         figs["peer_vs_round"] = plots.peer_vs_round(results["peer_metrics"], out / "peer_vs_round.png", label)
     if results.get("calls_by_round"):

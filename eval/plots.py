@@ -131,3 +131,36 @@ def topk_strips(
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def grid_heatmap(grid: Sequence[dict], path: str | Path, label: str | None = None,
+                 metrics: Sequence[str] = ("R1", "mAP")) -> Path:
+    """R1 and mAP over a ξ x τ grid (``results.json['tau_grid']``), one heat map per metric, each
+    cell annotated; the best cell of each map is framed."""
+    xis = sorted({e["xi"] for e in grid})
+    taus = sorted({e["tau"] for e in grid})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 0.8, 0.45 * len(xis) + 1.8), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        val = {(e["xi"], e["tau"]): e[m] for e in grid}
+        z = torch.tensor([[val.get((x, t), float("nan")) for t in taus] for x in xis])
+        im = ax.imshow(z.numpy(), cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(taus)), [f"{t:g}" for t in taus])
+        ax.set_yticks(range(len(xis)), [f"{x:g}" for x in xis])
+        ax.set_xlabel("τ (accept when p_yes > τ)")
+        ax.set_ylabel("ξ")
+        best = int(torch.nan_to_num(z, nan=-1e9).argmax())
+        bi, bj = divmod(best, len(taus))
+        for i in range(len(xis)):
+            for j in range(len(taus)):
+                ax.text(j, i, f"{float(z[i, j]):.1f}", ha="center", va="center", fontsize=7,
+                        color="black" if (i, j) == (bi, bj) else "white")
+        ax.add_patch(plt.Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, ec="red", lw=2))
+        ax.set_title(m, fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle("THI over ξ x τ" + (f"\n{label}" if label else ""), fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -20,6 +20,15 @@ so skipping never hides an answer a later decision needs: the decisions, hence t
 equal those of ``exhaustive=True``, which asks every unrefined query in every round as the
 released code does. Minimal mode also asks T_vqa once per distinct anchor image.
 
+T_loc as a score (beyond the released loop; the defaults keep it): every T_loc call also
+returns p_yes, P(Yes) over the Yes/No tokens (``MLLMBackend.localize``), stored in each
+decision. ``tau=None`` (default) decides Yes by the released text rule; ``tau=t`` accepts when
+p_yes > t (t = 0.5 is the greedy Yes/No). Two labelled options, both off by default:
+``anchor="max-p"`` asks T_loc on every candidate a round could accept and takes as anchor the
+one with the highest p_yes above τ (instead of the first Yes); ``fuse=w`` adds w * (p_yes - 0.5)
+to the re-ranked score of every candidate asked. ``cover`` lists extra (ξ, τ) settings whose
+T_loc answers this run must also ask, so a ξ x τ grid replays from the cache without a T_loc call.
+
 Scale: C_i comes from a top-K per row (``top_candidates``: the order of a stable descending
 sort, without sorting the row), and Ŝ is never copied per round or λ: it differs from S only in
 the refined rows, so ``THIResult`` builds those rows on demand (``refined_rows``) and computes
@@ -37,13 +46,15 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from mllm_tune.core.backends import MLLMBackend, MLLMRequest
+from mllm_tune.core.backends import CachedBackend, LocAnswer, MLLMBackend, MLLMRequest
+from mllm_tune.core.backends.base import localize_any
 from mllm_tune.core.metrics import mean_metrics, per_query_metrics
 from mllm_tune.core.prompts import DEFAULT_PROMPTS, PromptSet, is_yes
 
 logger = logging.getLogger(__name__)
 
 GATES = ("released", "paper")
+ANCHOR_RULES = ("first", "max-p")  # first Yes (released) / highest p_yes among the candidates asked
 TextEncoder = Callable[[list[str]], torch.Tensor]
 ROW_CHUNK = 1024  # rows of Q x G work held at once (1024 x 19,848 float32 = 81 MB)
 
@@ -57,10 +68,21 @@ class THIConfig:
     exhaustive: bool = False
     batch_size: int = 128  # requests per backend call (a kill loses at most one batch)
     encode_batch: int = 64
+    tau: float | None = None  # None: the released text rule; else accept a Yes when p_yes > tau
+    anchor: str = "first"  # option (a): "max-p"
+    fuse: float = 0.0  # option (b): weight of (p_yes - 0.5) added to the candidates asked
+    cover: tuple[tuple[float, float | None], ...] = ()  # extra (ξ, τ) settings whose T_loc calls to ask
 
     def __post_init__(self) -> None:
         if self.gate not in GATES:
             raise ValueError(f"THI gate must be one of {GATES}, got {self.gate!r}")
+        if self.anchor not in ANCHOR_RULES:
+            raise ValueError(f"THI anchor rule must be one of {ANCHOR_RULES}, got {self.anchor!r}")
+        for t in [self.tau, *(c[1] for c in self.cover)]:
+            if t is not None and not 0.0 <= t < 1.0:
+                raise ValueError(f"τ must be in [0, 1), got {t}")
+        if self.fuse < 0:
+            raise ValueError(f"the p_yes fusion weight must be >= 0, got {self.fuse}")
         if self.rounds < 1:
             raise ValueError(f"THI needs at least one round, got rounds={self.rounds}")
         if not 0.0 <= self.lam <= 1.0:
@@ -68,12 +90,19 @@ class THIConfig:
         if self.batch_size < 1 or self.encode_batch < 1:
             raise ValueError("batch sizes must be positive")
 
+    @property
+    def needs_scores(self) -> bool:
+        """Whether decisions read p_yes (then unscored cached T_loc answers are asked again)."""
+        return (self.tau is not None or self.anchor != "first" or self.fuse > 0
+                or any(t is not None for _, t in self.cover))
+
 
 @dataclass
 class QueryDecision:
     query: int  # row of S
     candidates: list[int]  # C_i (gallery indices, best first)
     loc: dict[int, str] = field(default_factory=dict)  # round -> T_loc answer (rounds asked only)
+    p_yes: dict[int, float | None] = field(default_factory=dict)  # round -> P(Yes) (None: not scored)
     refined_round: int | None = None
     anchor: int | None = None  # gallery index
     vqa: str | None = None
@@ -84,9 +113,21 @@ class QueryDecision:
     def yes_rounds(self) -> list[int]:
         return [r for r, a in sorted(self.loc.items()) if is_yes(a)]
 
+    def says_yes(self, r: int, tau: float | None) -> bool:
+        """The round-r answer is a Yes: the released text rule (tau None), else p_yes > tau
+        (the text rule where the backend gave no p_yes)."""
+        p = self.p_yes.get(r)
+        if tau is None or p is None:
+            return is_yes(self.loc[r])
+        return p > tau
+
+    def yes_before(self, r: int, tau: float | None) -> bool:
+        return any(self.says_yes(rr, tau) for rr in self.loc if rr < r)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["loc"] = {str(k): v for k, v in self.loc.items()}
+        d["p_yes"] = {str(k): v for k, v in self.p_yes.items()}
         return d
 
 
@@ -113,20 +154,43 @@ class THIResult:
         last = self.config.rounds - 1 if after_round is None else after_round
         return [d for d in self.decisions if d.refined_round is not None and d.refined_round <= last]
 
+    def _changed_by(self, after_round: int | None) -> list[QueryDecision]:
+        """Queries whose row of Ŝ differs from S after ``after_round``: the refined ones and, with
+        p_yes fusion, every query with a scored candidate asked by then."""
+        last = self.config.rounds - 1 if after_round is None else after_round
+        if self.config.fuse <= 0:
+            return self._refined_by(after_round)
+        return [d for d in self.decisions
+                if (d.refined_round is not None and d.refined_round <= last)
+                or any(r <= last and p is not None for r, p in d.p_yes.items())]
+
     def refined_rows(self, after_round: int | None = None, lam: float | None = None,
                      chunk: int = ROW_CHUNK) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(query indices, their rows of Ŝ), ``chunk`` queries at a time, for the queries refined by
-        ``after_round``: every other row of Ŝ is the base row, so this is all of Ŝ that is new."""
+        ``after_round`` (and, with fusion, those with a scored candidate): every other row of Ŝ is
+        the base row, so this is all of Ŝ that is new."""
         if self.gallery_feats is None:
             raise RuntimeError("this THI run did not re-encode queries (encode=False): no scores to build")
         lam = self.config.lam if lam is None else lam
-        rows = self._refined_by(after_round)
+        last = self.config.rounds - 1 if after_round is None else after_round
+        rows = self._changed_by(after_round)
         for s in range(0, len(rows), chunk):
             part = rows[s : s + chunk]
             idx = torch.tensor([d.query for d in part])
-            sbar = torch.stack([self.refined_feats[d.query] for d in part]) @ self.gallery_feats.T
-            sbar[torch.arange(len(part)), torch.tensor([d.anchor for d in part])] = 1.0
-            yield idx, lam * self.base[idx] + (1.0 - lam) * sbar
+            out = self.base[idx].clone()
+            ref = [j for j, d in enumerate(part) if d.refined_round is not None and d.refined_round <= last]
+            if ref:
+                rj = torch.tensor(ref)
+                sbar = torch.stack([self.refined_feats[part[j].query] for j in ref]) @ self.gallery_feats.T
+                sbar[torch.arange(len(ref)), torch.tensor([part[j].anchor for j in ref])] = 1.0
+                out[rj] = lam * out[rj] + (1.0 - lam) * sbar
+            if self.config.fuse > 0:
+                w = self.config.fuse
+                for j, d in enumerate(part):
+                    for r, p in d.p_yes.items():
+                        if r <= last and p is not None:
+                            out[j, d.candidates[r]] += w * (p - 0.5)
+            yield idx, out
 
     def scores(self, after_round: int | None = None, lam: float | None = None) -> torch.Tensor:
         """Ŝ after round ``after_round`` (default: the last) with balance ``lam`` (default: config.λ).
@@ -222,6 +286,36 @@ def loc_matters(gate: str, r: int, earlier_yes: bool, cand_sims: Sequence[float]
     return any(_can_accept(gate, rr, cand_sims, xi) for rr in range(r, rounds))
 
 
+def _score_or_text(d: QueryDecision, r: int) -> float:
+    p = d.p_yes.get(r)
+    return float(p) if p is not None else float(is_yes(d.loc[r]))
+
+
+_warned_unscored: set[str] = set()
+
+
+def _localize_into(backend: MLLMBackend, ask: list[QueryDecision], r: int, loc_prompts: Sequence[str],
+                   gallery_paths: Sequence[str], batch_size: int, progress: bool, need_scores: bool) -> None:
+    """Ask T_loc(caption, C_i[r]) for the decisions in ``ask`` and store text and p_yes."""
+    reqs = [MLLMRequest("loc", loc_prompts[d.query], gallery_paths[d.candidates[r]]) for d in ask]
+    out: list[LocAnswer] = []
+    starts = range(0, len(reqs), batch_size)
+    for s in tqdm(starts, desc=f"T_loc round {r}", unit="batch", disable=not progress or len(reqs) <= batch_size,
+                  leave=False):
+        part = reqs[s : s + batch_size]
+        if isinstance(backend, CachedBackend):
+            out.extend(backend.localize(part, need_score=need_scores))
+        else:
+            out.extend(localize_any(backend, part))
+    for d, a in zip(ask, out):
+        d.loc[r], d.p_yes[r] = a.text, a.p_yes
+    kind = getattr(backend, "kind", type(backend).__name__)
+    if need_scores and any(a.p_yes is None for a in out) and kind not in _warned_unscored:
+        _warned_unscored.add(kind)
+        logger.warning("the %s backend gave no p_yes for %d T_loc answers: those are decided by the text rule",
+                       kind, sum(a.p_yes is None for a in out))
+
+
 def _ask(backend: MLLMBackend, reqs: list[MLLMRequest], batch_size: int, desc: str, progress: bool) -> list[str]:
     out: list[str] = []
     starts = range(0, len(reqs), batch_size)
@@ -268,27 +362,48 @@ def run_thi(
     loc_prompts = [prompts.render_loc(t) for t in query_texts]
     vqa_prompt = prompts.render_vqa()
 
+    settings = [(cfg.xi, cfg.tau), *cfg.cover]
+    need_scores = cfg.needs_scores
+    chosen: dict[int, int] = {}  # max-p anchor rule: query -> round of its anchor
+    if cfg.anchor == "max-p":
+        # option (a): every candidate a round could accept is asked first, the anchor is the one
+        # with the highest p_yes among those answered Yes (ties: the earlier round)
+        t0 = time.perf_counter()
+        for r in range(K):
+            ask = [d for d in decisions if any(_can_accept(cfg.gate, r, cand_sims[d.query], x) for x, _ in settings)]
+            _localize_into(backend, ask, r, loc_prompts, gallery_paths, cfg.batch_size, progress, need_scores)
+            calls["loc"] += len(ask)
+        secs["loc"] += time.perf_counter() - t0
+        for d in decisions:
+            ok = [r for r in d.loc if _can_accept(cfg.gate, r, cand_sims[d.query], cfg.xi) and d.says_yes(r, cfg.tau)]
+            if ok:
+                chosen[d.query] = max(ok, key=lambda r: (_score_or_text(d, r), -r))
+
     for r in tqdm(range(K), desc="THI rounds", unit="round", disable=not progress):
         # -- anchor localization ------------------------------------------------------------
-        ask = []
-        for d in decisions:
-            if d.refined_round is not None:
-                continue
-            earlier = bool(d.yes_rounds)
-            if cfg.exhaustive or loc_matters(cfg.gate, r, earlier, cand_sims[d.query], cfg.xi, K):
-                ask.append(d)
-        t0 = time.perf_counter()
-        answers = _ask(backend, [MLLMRequest("loc", loc_prompts[d.query], gallery_paths[d.candidates[r]]) for d in ask],
-                       cfg.batch_size, f"T_loc round {r}", progress)
-        secs["loc"] += time.perf_counter() - t0
-        calls["loc"] += len(ask)
         accepted = []
-        for d, a in zip(ask, answers):
-            earlier = bool(d.yes_rounds)
-            d.loc[r] = a
-            if accepts(cfg.gate, r, is_yes(a), earlier, cand_sims[d.query], cfg.xi):
-                d.refined_round, d.anchor = r, d.candidates[r]
-                accepted.append(d)
+        if cfg.anchor == "max-p":
+            for d in decisions:
+                if d.refined_round is None and chosen.get(d.query) == r:
+                    d.refined_round, d.anchor = r, d.candidates[r]
+                    accepted.append(d)
+        else:
+            ask = []
+            for d in decisions:
+                # a refined query is asked again only for a covered setting where it is not refined
+                if d.refined_round is not None and (cfg.exhaustive or not cfg.cover):
+                    continue
+                if cfg.exhaustive or any(
+                        loc_matters(cfg.gate, r, d.yes_before(r, t), cand_sims[d.query], x, K) for x, t in settings):
+                    ask.append(d)
+            t0 = time.perf_counter()
+            _localize_into(backend, ask, r, loc_prompts, gallery_paths, cfg.batch_size, progress, need_scores)
+            secs["loc"] += time.perf_counter() - t0
+            calls["loc"] += len(ask)
+            for d in ask:
+                if d.refined_round is None and accepts(cfg.gate, r, d.says_yes(r, cfg.tau), d.yes_before(r, cfg.tau), cand_sims[d.query], cfg.xi):
+                    d.refined_round, d.anchor = r, d.candidates[r]
+                    accepted.append(d)
         if not accepted:
             continue
         # -- human-centred VQA on the anchors -------------------------------------------------

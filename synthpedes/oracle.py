@@ -14,6 +14,11 @@ Answers per task:
 - ``vqa`` (T_vqa): the 15 ground-truth answer sentences (``synthetic.vqa_answers``), numbered.
 - ``aggr`` (T_aggr): the caption followed by the facts not already in it (deterministic merge).
 - ``dec`` / ``rwt``: deterministic sentence split / light rewrites, for RDA plumbing.
+T_loc scores (``localize``): p_yes is a simulated confidence, on the side of the answer: a Yes
+gets 0.8 +- 0.15 (a hash-seeded jitter, so confidences among Yes carry no identity information a
+visual judge could not have), a No gets 0.45 * f^2 +- 0.04 where f is the fraction of the
+caption's attributes that hold for the person (a near miss is an unsure No); a flipped answer
+(error) flips its p_yes to 1 - p_yes. So p_yes > 0.5 exactly when the answer is Yes.
 Errors: with probability ``error_rate`` (decided by a hash of seed, task, prompt and image, so it
 does not depend on batching) a loc answer is flipped and each VQA sentence is replaced by the
 one of a randomly drawn person.
@@ -39,7 +44,7 @@ from synthpedes.dataset import (
 )
 from mllm_tune.core.prompts import DEFAULT_PROMPTS, PromptSet, split_answer_sentences
 
-from mllm_tune.core.backends.base import BackendError, MLLMBackend, MLLMRequest
+from mllm_tune.core.backends.base import BackendError, LocAnswer, MLLMBackend, MLLMRequest, _check_loc
 
 SIMULATION_LABEL = "SIMULATION: oracle backend answering from SynthPEDES ground truth (no MLLM)"
 LOC_RULES = ("consistent", "identity")
@@ -58,9 +63,16 @@ def _norm(text: str) -> str:
     return " ".join(text.split())
 
 
+def _fraction_held(person: PersonAttributes, facts: dict[str, object]) -> float:
+    if not facts:
+        return 1.0
+    return sum(consistent(person, {k: v}) for k, v in facts.items()) / len(facts)
+
+
 class OracleBackend(MLLMBackend):
     kind = "oracle"
     simulated = True
+    scores_loc = True
 
     def __init__(
         self,
@@ -141,6 +153,9 @@ class OracleBackend(MLLMBackend):
 
     # -- answers ---------------------------------------------------------------------------
     def _loc(self, req: MLLMRequest) -> str:
+        return self._loc_scored(req).text
+
+    def _loc_scored(self, req: MLLMRequest) -> LocAnswer:
         caption = _norm(self._fields("loc", req.prompt)["caption"])
         pid = self.image_id(req.image)
         entries = self._captions.get(caption)
@@ -150,9 +165,19 @@ class OracleBackend(MLLMBackend):
             yes = any(e[0] == pid for e in entries)
         else:
             yes = any(consistent(self.attrs[pid], facts) for _, facts in entries)
+        # fraction of the caption's attributes that hold for this person (best reading of the text)
+        held = max((_fraction_held(self.attrs[pid], facts) for _, facts in entries), default=0.0)
+        jitter = self._rng(req, "p_yes").uniform(-1.0, 1.0)
+        p = 0.8 + 0.15 * jitter if yes else min(0.49, max(0.0, 0.45 * held * held + 0.04 * jitter))
         if self.error_rate and self._rng(req).random() < self.error_rate:
-            yes = not yes
-        return "Yes" if yes else "No"
+            yes, p = not yes, 1.0 - p
+        return LocAnswer("Yes" if yes else "No", round(p, 6))
+
+    def localize(self, requests: Sequence[MLLMRequest]) -> list[LocAnswer]:
+        _check_loc(requests)
+        if self.latency:
+            time.sleep(self.latency * len(requests))
+        return [self._loc_scored(r) for r in requests]
 
     def _vqa(self, req: MLLMRequest) -> str:
         pid = self.image_id(req.image)

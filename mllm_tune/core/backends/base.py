@@ -49,15 +49,39 @@ class MLLMRequest:
             object.__setattr__(self, "image", str(self.image))
 
 
+@dataclass(frozen=True)
+class LocAnswer:
+    """A T_loc answer: the text (what greedy decoding gives, or "Yes"/"No" when the first token
+    decides it) and ``p_yes``, P(Yes) renormalised over the Yes/No tokens at the first answer
+    position (:mod:`mllm_tune.core.yes_no`); None when the backend gave no probability."""
+
+    text: str
+    p_yes: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.p_yes is not None and not 0.0 <= float(self.p_yes) <= 1.0:
+            raise ValueError(f"p_yes must be in [0, 1], got {self.p_yes}")
+
+
 class MLLMBackend(ABC):
-    """Answers batches of requests. Subclasses set ``kind`` and, for fake models, ``simulated``."""
+    """Answers batches of requests. Subclasses set ``kind`` and, for fake models, ``simulated``.
+
+    ``scores_loc``: whether :meth:`localize` returns ``p_yes`` (hf, vllm, oracle; openai when the
+    server sends logprobs). Backends that cannot score inherit the text-only :meth:`localize`."""
 
     kind: str = "base"
     simulated: bool = False  # True when answers do not come from a real model (the oracle)
+    scores_loc: bool = False
 
     @abstractmethod
     def generate(self, requests: Sequence[MLLMRequest]) -> list[str]:
         """Answer every request (greedy decoding); same length and order as ``requests``."""
+
+    def localize(self, requests: Sequence[MLLMRequest]) -> list[LocAnswer]:
+        """Answer T_loc requests with their P(Yes). This default has no probability: the text of
+        :meth:`generate` with ``p_yes=None``."""
+        _check_loc(requests)
+        return [LocAnswer(a, None) for a in self.generate(requests)]
 
     @abstractmethod
     def identity(self) -> dict[str, Any]:
@@ -71,6 +95,21 @@ class MLLMBackend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def localize_any(backend: Any, requests: Sequence[MLLMRequest]) -> list[LocAnswer]:
+    """``backend.localize(requests)``, or the text of ``generate`` for an object that only has
+    that (a duck-typed backend or test double)."""
+    loc = getattr(backend, "localize", None)
+    if loc is None:
+        return [LocAnswer(a, None) for a in backend.generate(list(requests))]
+    return list(loc(requests))
+
+
+def _check_loc(requests: Sequence[MLLMRequest]) -> None:
+    bad = [r.task for r in requests if r.task != "loc"]
+    if bad:
+        raise ValueError(f"localize() answers T_loc requests only, got task(s) {sorted(set(bad))}")
 
 
 # -- content hashes --------------------------------------------------------------------------

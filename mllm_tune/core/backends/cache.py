@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from .base import MLLMBackend, MLLMRequest, file_sha256
+from .base import LocAnswer, MLLMBackend, MLLMRequest, file_sha256, localize_any
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +44,24 @@ CREATE TABLE IF NOT EXISTS answers (
     prompt TEXT NOT NULL,
     image TEXT,
     answer TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    p_yes REAL
 );
 CREATE TABLE IF NOT EXISTS identities (hash TEXT PRIMARY KEY, identity TEXT NOT NULL);
 """
+
+
+COLUMNS = ("key", "identity", "task", "prompt", "image", "answer", "created", "p_yes")
+
+
+def has_p_yes_column(con: sqlite3.Connection, schema: str = "main") -> bool:
+    return any(r[1] == "p_yes" for r in con.execute(f"PRAGMA {schema}.table_info(answers)"))
+
+
+def _ensure_p_yes_column(con: sqlite3.Connection) -> None:
+    """Caches written before T_loc scores existed have no p_yes column: add it (NULL = not scored)."""
+    if not has_p_yes_column(con):
+        con.execute("ALTER TABLE answers ADD COLUMN p_yes REAL")
 
 
 def identity_hash(identity: dict[str, Any]) -> str:
@@ -137,7 +151,14 @@ def merge_caches(out: str | Path, inputs: Sequence[str | Path]) -> int:
                 tables = {r[0] for r in con.execute("SELECT name FROM src.sqlite_master WHERE type='table'")}
                 con.execute("BEGIN")
                 if "answers" in tables:
-                    con.execute("INSERT OR IGNORE INTO main.answers SELECT * FROM src.answers")
+                    # earlier answers win, except that a scored T_loc answer (p_yes) replaces an
+                    # unscored one of the same key: a score, once paid for, is never lost
+                    p_yes = "p_yes" if has_p_yes_column(con, "src") else "NULL"
+                    cols = ", ".join(COLUMNS)
+                    con.execute(
+                        f"INSERT INTO main.answers ({cols}) SELECT {', '.join(COLUMNS[:-1])}, {p_yes} FROM src.answers WHERE true "
+                        "ON CONFLICT(key) DO UPDATE SET answer = excluded.answer, p_yes = excluded.p_yes "
+                        "WHERE answers.p_yes IS NULL AND excluded.p_yes IS NOT NULL")
                 if "identities" in tables:
                     con.execute("INSERT OR IGNORE INTO main.identities SELECT * FROM src.identities")
                 con.execute("COMMIT")
@@ -224,6 +245,8 @@ class CachedBackend(MLLMBackend):
                 self._base = sqlite3.connect(f"{shared.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        _ensure_p_yes_column(self._db)
+        self._base_p_yes = self._base is not None and has_p_yes_column(self._base)
         self._db.execute(
             "INSERT OR IGNORE INTO identities VALUES (?, ?)",
             (self.ident_hash, json.dumps(self._identity, sort_keys=True, default=str)),
@@ -238,11 +261,29 @@ class CachedBackend(MLLMBackend):
         return dict(self._identity)
 
     def generate(self, requests: Sequence[MLLMRequest]) -> list[str]:
+        return [a.text for a in self._answer(requests, scored=False, need_score=False)]
+
+    @property
+    def scores_loc(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.backend, "scores_loc", False))
+
+    def localize(self, requests: Sequence[MLLMRequest], need_score: bool = False) -> list[LocAnswer]:
+        """T_loc answers with their p_yes. An entry stored without a score (a text-only run, a
+        cache older than scores) is reused as it is unless ``need_score`` and the wrapped backend
+        can score; then it is asked again and replaced by the scored answer."""
+        from .base import _check_loc
+
+        _check_loc(requests)
+        return self._answer(requests, scored=True, need_score=need_score and (self.backend is None or self.scores_loc))
+
+    def _answer(self, requests: Sequence[MLLMRequest], scored: bool, need_score: bool) -> list[LocAnswer]:
         requests = list(requests)
         keys = [request_key(self.ident_hash, r) for r in requests]
         for r in requests:
             self.requests[r.task] += 1
         found = self._lookup(set(keys))
+        if need_score:
+            found = {k: v for k, v in found.items() if v.p_yes is not None}
         # one backend call per distinct missing key, in first-seen order
         missing: dict[str, MLLMRequest] = {}
         for k, r in zip(keys, requests):
@@ -251,13 +292,17 @@ class CachedBackend(MLLMBackend):
         if missing:
             if self.backend is None:
                 r = next(iter(missing.values()))
+                what = "scored (p_yes) answer(s)" if need_score else "answer(s)"
                 raise CacheMiss(
-                    f"{len(missing)} answer(s) are not in the cache {self.path} "
+                    f"{len(missing)} {what} are not in the cache {self.path} "
                     f"(first: task {r.task}, image {r.image}); run with a backend to fill it"
                 )
             todo = list(missing.values())
             t0 = time.perf_counter()
-            answers = self.backend.generate(todo)
+            if scored:
+                answers = localize_any(self.backend, todo)
+            else:
+                answers = [LocAnswer(a, None) if isinstance(a, str) else a for a in self.backend.generate(todo)]
             dt = time.perf_counter() - t0
             if len(answers) != len(todo):
                 raise RuntimeError(
@@ -266,16 +311,18 @@ class CachedBackend(MLLMBackend):
             now = time.time()
             rows = []
             for (k, r), a in zip(missing.items(), answers):
-                if not isinstance(a, str):
+                if not isinstance(a, LocAnswer) or not isinstance(a.text, str):
                     raise TypeError(f"backend {self.backend.kind} returned a {type(a).__name__}, expected str")
                 found[k] = a
-                rows.append((k, self.ident_hash, r.task, r.prompt, r.image, a, now))
+                rows.append((k, self.ident_hash, r.task, r.prompt, r.image, a.text, now,
+                             None if a.p_yes is None else float(a.p_yes)))
                 self.calls[r.task] += 1
                 self.backend_seconds[r.task] += dt / len(todo)
             # one transaction per batch: a kill loses at most this batch
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                self._db.executemany(f"INSERT OR REPLACE INTO answers ({', '.join(COLUMNS)}) VALUES "
+                                     f"({', '.join('?' * len(COLUMNS))})", rows)
         for k, r in zip(keys, requests):
             if k not in missing:
                 self.hits[r.task] += 1
@@ -296,18 +343,22 @@ class CachedBackend(MLLMBackend):
             self.backend.close()
 
     # -- helpers ---------------------------------------------------------------------------
-    def _lookup(self, keys: set[str]) -> dict[str, str]:
-        out: dict[str, str] = {}
+    def _lookup(self, keys: set[str]) -> dict[str, LocAnswer]:
+        out: dict[str, LocAnswer] = {}
         klist = list(keys)
         for i in range(0, len(klist), 500):
             chunk = klist[i : i + 500]
-            q = f"SELECT key, answer FROM answers WHERE key IN ({','.join('?' * len(chunk))})"
-            out.update(self._db.execute(q, chunk).fetchall())
+            q = f"SELECT key, answer, p_yes FROM answers WHERE key IN ({','.join('?' * len(chunk))})"
+            out.update((k, LocAnswer(a, p)) for k, a, p in self._db.execute(q, chunk))
             if self._base is not None:
-                rest = [k for k in chunk if k not in out]
+                # the merged file may hold an unscored entry that a shard has scored, or the reverse
+                rest = [k for k in chunk if k not in out or out[k].p_yes is None]
                 if rest:
-                    q = f"SELECT key, answer FROM answers WHERE key IN ({','.join('?' * len(rest))})"
-                    out.update(self._base.execute(q, rest).fetchall())
+                    p_col = "p_yes" if self._base_p_yes else "NULL"
+                    q = f"SELECT key, answer, {p_col} FROM answers WHERE key IN ({','.join('?' * len(rest))})"
+                    for k, a, p in self._base.execute(q, rest):
+                        if k not in out or p is not None:
+                            out[k] = LocAnswer(a, p)
         return out
 
     def stats(self) -> dict[str, dict[str, int]]:

@@ -44,8 +44,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..hub import ModelResolveError, ResolvedModel, resolve_model
+from ..yes_no import YesNoIds, p_yes_from_logits, yes_no_ids
 from .base import (
     BackendError,
+    LocAnswer,
     MLLMBackend,
     MLLMRequest,
     dir_sha256,
@@ -126,6 +128,7 @@ def local_model_identity(backend: Any, decoding: dict[str, Any]) -> dict[str, An
 
 class HFBackend(MLLMBackend):
     kind = "hf"
+    scores_loc = True
 
     def __init__(
         self,
@@ -162,6 +165,9 @@ class HFBackend(MLLMBackend):
         self.visual_tokens: list[int] = []
         self.capped: Counter[str] = Counter()
         self.answered: Counter[str] = Counter()
+        self._yes_no: YesNoIds | None = None
+        # T_loc calls whose argmax first token was neither Yes nor No (their text came from generate)
+        self.loc_generated = 0
 
     def decoding(self) -> dict[str, Any]:
         return {**greedy_decoding_settings(), "max_new_tokens": dict(self.max_new_tokens)}
@@ -255,11 +261,10 @@ class HFBackend(MLLMBackend):
         warn_truncated(self.kind, sum(capped_now.values()), len(requests), dict(capped_now))
         return out  # type: ignore[return-value]
 
-    @torch.no_grad()
-    def _generate_batch(self, reqs: list[MLLMRequest], use_adapter: bool, max_new_tokens: int) -> list[str]:
+    def _inputs(self, reqs: list[MLLMRequest]):
         from PIL import Image
 
-        proc, model = self._processor, self._model
+        proc = self._processor
         texts, images = [], []
         for r in reqs:
             content: list[dict] = [{"type": "image"}] if r.image is not None else []
@@ -271,11 +276,20 @@ class HFBackend(MLLMBackend):
                     images.append(im.convert("RGB"))
         inputs = proc(text=texts, images=images or None, padding=True, return_tensors="pt").to(self.device)
         if images:
-            self.visual_tokens.extend(count_image_tokens(inputs["input_ids"], model.config))
-        ctx = model.disable_adapter() if (self.adapter_path is not None and not use_adapter) else nullcontext()
+            self.visual_tokens.extend(count_image_tokens(inputs["input_ids"], self._model.config))
+        return inputs
+
+    def _adapter_ctx(self, use_adapter: bool):
+        model = self._model
+        return model.disable_adapter() if (self.adapter_path is not None and not use_adapter) else nullcontext()
+
+    @torch.no_grad()
+    def _generate_batch(self, reqs: list[MLLMRequest], use_adapter: bool, max_new_tokens: int) -> list[str]:
+        proc, model = self._processor, self._model
+        inputs = self._inputs(reqs)
         gc = copy.deepcopy(self._gen_config)
         gc.max_new_tokens = int(max_new_tokens)
-        with ctx:
+        with self._adapter_ctx(use_adapter):
             gen = model.generate(**inputs, generation_config=gc)
         new = gen[:, inputs["input_ids"].shape[1] :]
         eos = _eos_ids(gc)
@@ -285,6 +299,60 @@ class HFBackend(MLLMBackend):
             if row.shape[0] >= max_new_tokens and not any(int(t) in eos for t in row):
                 self.capped[r.task] += 1
         return [t.strip() for t in proc.batch_decode(new, skip_special_tokens=True)]
+
+    # -- T_loc scores ------------------------------------------------------------------------
+    def yes_no(self) -> YesNoIds:
+        """The Yes/No token ids this backend scores (loads the processor)."""
+        self._load()
+        if self._yes_no is None:
+            self._yes_no = yes_no_ids(self._processor)
+        return self._yes_no
+
+    def localize(self, requests: Sequence[MLLMRequest]) -> list[LocAnswer]:
+        """T_loc with one forward pass per batch, no ``generate``: the next-token logits at the
+        end of each (left-padded) prompt give p_yes over the Yes/No ids and the greedy first
+        token. When that token is a Yes/No variant the answer text is "Yes"/"No" (what greedy
+        decoding starts with); otherwise the request is generated as usual, so the text and hence
+        the released is_yes decision stay those of greedy decoding."""
+        from .base import _check_loc
+
+        requests = list(requests)
+        _check_loc(requests)
+        if not requests:
+            return []
+        ids = self.yes_no()
+        out: list[LocAnswer | None] = [None] * len(requests)
+        groups: dict[tuple[bool, bool], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((self._uses_adapter(r.task), r.image is not None), []).append(i)
+        todo = [(key, idx[s : s + self.batch_size]) for key, idx in groups.items()
+                for s in range(0, len(idx), self.batch_size)]
+        yes_set, no_set = set(ids.yes), set(ids.no)
+        for (use_adapter, _), idx in tqdm(todo, desc="hf T_loc", unit="batch", disable=not self.progress):
+            reqs = [requests[i] for i in idx]
+            logits = self._next_token_logits(reqs, use_adapter)
+            p = p_yes_from_logits(logits, ids).tolist()
+            top = logits.argmax(dim=-1).tolist()
+            other = [j for j, t in enumerate(top) if t not in yes_set and t not in no_set]
+            texts: dict[int, str] = {}
+            if other:
+                self.loc_generated += len(other)
+                cap = max_new_tokens_for("loc", self.max_new_tokens)
+                texts = dict(zip(other, self._generate_batch([reqs[j] for j in other], use_adapter, cap)))
+            for j, i in enumerate(idx):
+                self.answered["loc"] += j not in texts
+                text = texts.get(j, "Yes" if top[j] in yes_set else "No")
+                out[i] = LocAnswer(text, min(1.0, max(0.0, float(p[j]))))
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _next_token_logits(self, reqs: list[MLLMRequest], use_adapter: bool) -> torch.Tensor:
+        """[B, V] float32 logits of the first answer token (the last prompt position; left
+        padding puts it at -1 in every row). Only that position goes through the LM head."""
+        inputs = self._inputs(reqs)
+        with self._adapter_ctx(use_adapter):
+            logits = self._model(**inputs, logits_to_keep=1, use_cache=False).logits
+        return logits[:, -1, :].float()
 
     def close(self) -> None:
         self._model = None

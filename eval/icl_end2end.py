@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(--mm-processor-kwargs)")
     m.add_argument("--max-pixels", type=int, default=None,
                    help=f"image budget, largest area (default: the adapter's, else {DEFAULT_MAX_PIXELS})")
+    m.add_argument("--loc-answer", choices=("generate", "forward"), default="generate",
+                   help="hf: T_loc by greedy generation (default; the text the released rule reads, p_yes from the "
+                        "first step) or by one forward pass (faster; text Yes/No from the first token)")
     m.add_argument("--dtype", default="auto", help="hf/vllm weights dtype (auto, float32, bfloat16)")
     add_vllm_engine_flags(m)
     m.add_argument("--base-url", action="append", default=None,
@@ -219,6 +222,8 @@ def build_backend(args: argparse.Namespace, prompts) -> MLLMBackend:
                   batch_size=args.batch_size, adapter_tasks=("loc",) if args.adapter_only_loc else None)
         if args.mllm == "vllm":
             kw.update(vllm_engine_options(args))  # --vllm-dtype, when given, wins over --dtype
+        else:
+            kw.update(loc_answer=args.loc_answer)
     elif args.mllm == "openai":
         if not args.model:
             raise CLIError("--mllm openai needs --model (the served model name)")
@@ -620,6 +625,8 @@ def backend_config(args: argparse.Namespace) -> dict[str, Any]:
     """The backend settings given on the command line (None: the backend's default)."""
     cfg: dict[str, Any] = {"kind": args.mllm, "max_new_tokens": args.max_new_tokens, "min_pixels": args.min_pixels,
                            "max_pixels": args.max_pixels, "dtype": args.dtype}
+    if args.mllm == "hf":
+        cfg["loc_answer"] = args.loc_answer
     if args.mllm == "vllm":
         cfg["vllm_engine"] = vllm_engine_options(args)
     if args.mllm == "openai":
@@ -634,8 +641,9 @@ def loc_score_report(res: THIResult, backend: MLLMBackend) -> dict[str, Any]:
     scored = [p for p in ps if p is not None]
     out: dict[str, Any] = {"answers": len(ps), "scored": len(scored),
                            "mean_p_yes": round(sum(scored) / len(scored), 4) if scored else None}
-    if hasattr(backend, "loc_generated"):
-        out["first_token_not_yes_no"] = int(backend.loc_generated)
+    if hasattr(backend, "loc_first_not_yes_no"):
+        out["first_token_not_yes_no"] = int(backend.loc_first_not_yes_no)
+        out["hf_loc_answer"] = backend.loc_answer
     return out
 
 

@@ -78,7 +78,7 @@ def test_p_yes_is_the_renormalised_softmax():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hf_localize_batched_equals_single_and_full_logits(tiny_models, split, family):
-    be = make_backend("hf", model=str(tiny_models(family)), batch_size=8, max_new_tokens=4)
+    be = make_backend("hf", model=str(tiny_models(family)), batch_size=8, max_new_tokens=4, loc_answer="forward")
     reqs = _loc_requests(split, 6)
     reqs.append(MLLMRequest("loc", P.render_loc(split.query_texts[0] + " She carries a bag."), None))  # text only
     batched = be.localize(reqs)
@@ -149,17 +149,26 @@ def test_p_yes_agrees_with_greedy_text_on_every_loc_call_of_a_thi_run(shipped_hf
                      progress=False)
     assert len(spy.loc) >= Q
     greedy = shipped_hf.generate(spy.loc)
-    answers = shipped_hf.localize(spy.loc)
-    assert shipped_hf.loc_generated == 0  # the trained model always starts with a Yes/No token
-    assert {is_yes(t) for t in greedy} == {True, False}  # both answers occur, so agreement can fail
-    for t, a in zip(greedy, answers):
-        assert (a.p_yes > 0.5) == is_yes(t) and a.text == ("Yes" if is_yes(t) else "No")
-    # the τ = 0.5 run decides exactly as the text rule
+    answers = shipped_hf.localize(spy.loc)  # loc_answer="generate": the greedy text itself, plus p_yes
+    assert [a.text for a in answers] == greedy
+    assert shipped_hf.loc_first_not_yes_no == 0  # the shipped model always starts with a Yes/No token
+    first_yes = [t.split()[0].strip(".,").lower().startswith("yes") for t in greedy]
+    assert set(first_yes) == {True, False}  # both answers occur, so agreement can fail
+    fwd = make_backend("hf", model=str(demo_model("synthpedes-vl")), batch_size=16, loc_answer="forward")
+    quick = fwd.localize(spy.loc)
+    for a, q, y in zip(answers, quick, first_yes):
+        assert (a.p_yes > 0.5) == y == (q.text == "Yes")  # p_yes decides as the greedy first token
+        assert abs(a.p_yes - q.p_yes) < 1e-4  # generate's first step = the single forward pass
+    # the τ = 0.5 run decides exactly as the text rule (the greedy first token is the decision here)
     at_half = run_thi(base, texts, split.gallery_paths, shipped_hf, encode, feats,
                       THIConfig(rounds=3, xi=0.5, batch_size=8, tau=0.5), progress=False)
-    assert [(d.refined_round, d.anchor) for d in at_half.decisions] == \
-        [(d.refined_round, d.anchor) for d in scored.decisions]
+    same = [(d.refined_round, d.anchor) for d in scored.decisions]
+    assert [(d.refined_round, d.anchor) for d in at_half.decisions] == same
     assert all(p is not None for d in scored.decisions for p in d.p_yes.values())
+    fast = run_thi(base, texts, split.gallery_paths, fwd, encode, feats, THIConfig(rounds=3, xi=0.5, batch_size=8),
+                   progress=False)
+    if all(is_yes(t) == y for t, y in zip(greedy, first_yes)):  # no "No ... yes" ramble among these calls
+        assert [(d.refined_round, d.anchor) for d in fast.decisions] == same
 
 
 # -- the oracle, the cache and the THI options ----------------------------------------------------

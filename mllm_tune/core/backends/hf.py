@@ -126,6 +126,11 @@ def local_model_identity(backend: Any, decoding: dict[str, Any]) -> dict[str, An
     return ident
 
 
+# T_loc answers: "generate" = greedy text (the released rule reads it) + p_yes from the first
+# step's logits; "forward" = one forward pass, text "Yes"/"No" from the first token.
+LOC_ANSWER_MODES = ("generate", "forward")
+
+
 class HFBackend(MLLMBackend):
     kind = "hf"
     scores_loc = True
@@ -142,8 +147,12 @@ class HFBackend(MLLMBackend):
         dtype: str = "auto",
         device: str | None = None,
         progress: bool = False,
+        loc_answer: str = "generate",
         **_: Any,
     ) -> None:
+        if loc_answer not in LOC_ANSWER_MODES:
+            raise BackendError(f"hf backend: loc_answer must be one of {LOC_ANSWER_MODES}, got {loc_answer!r}")
+        self.loc_answer = loc_answer
         self.model_resolved, self.adapter_resolved = resolve_model_folders(self.kind, model, adapter)
         self.model_path = self.model_resolved.path
         self.adapter_path = self.adapter_resolved.path if self.adapter_resolved else None
@@ -166,14 +175,17 @@ class HFBackend(MLLMBackend):
         self.capped: Counter[str] = Counter()
         self.answered: Counter[str] = Counter()
         self._yes_no: YesNoIds | None = None
-        # T_loc calls whose argmax first token was neither Yes nor No (their text came from generate)
-        self.loc_generated = 0
+        # T_loc answers whose greedy first token was neither Yes nor No
+        self.loc_first_not_yes_no = 0
 
     def decoding(self) -> dict[str, Any]:
         return {**greedy_decoding_settings(), "max_new_tokens": dict(self.max_new_tokens)}
 
     def identity(self) -> dict[str, Any]:
-        return local_model_identity(self, self.decoding())
+        ident = local_model_identity(self, self.decoding())
+        if self.loc_answer != "generate":  # its T_loc text differs ("No" for "No glasses."): its own answers
+            ident["loc_answer"] = self.loc_answer
+        return ident
 
     def visual_token_stats(self) -> dict[str, Any]:
         """Mean visual tokens per image over the images this backend has encoded."""
@@ -284,13 +296,20 @@ class HFBackend(MLLMBackend):
         return model.disable_adapter() if (self.adapter_path is not None and not use_adapter) else nullcontext()
 
     @torch.no_grad()
-    def _generate_batch(self, reqs: list[MLLMRequest], use_adapter: bool, max_new_tokens: int) -> list[str]:
+    def _generate_batch(self, reqs: list[MLLMRequest], use_adapter: bool, max_new_tokens: int,
+                        first_logits: list[torch.Tensor] | None = None) -> list[str]:
+        """Greedy answers; with ``first_logits`` (a list) the first step's [B, V] logits are appended
+        to it (raw model logits: greedy decoding applies no processor)."""
         proc, model = self._processor, self._model
         inputs = self._inputs(reqs)
         gc = copy.deepcopy(self._gen_config)
         gc.max_new_tokens = int(max_new_tokens)
+        extra = {"output_logits": True, "return_dict_in_generate": True} if first_logits is not None else {}
         with self._adapter_ctx(use_adapter):
-            gen = model.generate(**inputs, generation_config=gc)
+            gen = model.generate(**inputs, generation_config=gc, **extra)
+        if first_logits is not None:
+            first_logits.append(gen.logits[0].float())
+            gen = gen.sequences
         new = gen[:, inputs["input_ids"].shape[1] :]
         eos = _eos_ids(gc)
         for r, row in zip(reqs, new):
@@ -309,11 +328,17 @@ class HFBackend(MLLMBackend):
         return self._yes_no
 
     def localize(self, requests: Sequence[MLLMRequest]) -> list[LocAnswer]:
-        """T_loc with one forward pass per batch, no ``generate``: the next-token logits at the
-        end of each (left-padded) prompt give p_yes over the Yes/No ids and the greedy first
-        token. When that token is a Yes/No variant the answer text is "Yes"/"No" (what greedy
-        decoding starts with); otherwise the request is generated as usual, so the text and hence
-        the released is_yes decision stay those of greedy decoding."""
+        """T_loc answers with p_yes, by ``loc_answer``:
+
+        - ``"generate"`` (default): the greedy text exactly as :meth:`generate` gives it (so the
+          released rule, 'yes' anywhere in the answer, decides as before) and p_yes from the
+          first generated step's logits: no extra pass.
+        - ``"forward"``: one forward pass per batch, no ``generate``: the next-token logits at the
+          end of each (left-padded) prompt give p_yes and the greedy first token; when that token
+          is a Yes/No variant the text is "Yes"/"No", otherwise the request is generated. Same
+          decision as greedy text whenever the answer is a plain Yes or No (a tuned model's); an
+          untuned model that rambles ("No glasses. Yes, ...") can differ under the released rule.
+        """
         from .base import _check_loc
 
         requests = list(requests)
@@ -321,6 +346,7 @@ class HFBackend(MLLMBackend):
         if not requests:
             return []
         ids = self.yes_no()
+        cap = max_new_tokens_for("loc", self.max_new_tokens)
         out: list[LocAnswer | None] = [None] * len(requests)
         groups: dict[tuple[bool, bool], list[int]] = {}
         for i, r in enumerate(requests):
@@ -328,21 +354,29 @@ class HFBackend(MLLMBackend):
         todo = [(key, idx[s : s + self.batch_size]) for key, idx in groups.items()
                 for s in range(0, len(idx), self.batch_size)]
         yes_set, no_set = set(ids.yes), set(ids.no)
-        for (use_adapter, _), idx in tqdm(todo, desc="hf T_loc", unit="batch", disable=not self.progress):
+        capped_before = self.capped["loc"]
+        for (use_adapter, _), idx in tqdm(todo, desc=f"hf T_loc ({self.loc_answer})", unit="batch",
+                                          disable=not self.progress):
             reqs = [requests[i] for i in idx]
-            logits = self._next_token_logits(reqs, use_adapter)
+            texts: dict[int, str] = {}
+            if self.loc_answer == "generate":
+                first: list[torch.Tensor] = []
+                texts = dict(enumerate(self._generate_batch(reqs, use_adapter, cap, first_logits=first)))
+                logits = first[0]
+            else:
+                logits = self._next_token_logits(reqs, use_adapter)
             p = p_yes_from_logits(logits, ids).tolist()
             top = logits.argmax(dim=-1).tolist()
             other = [j for j, t in enumerate(top) if t not in yes_set and t not in no_set]
-            texts: dict[int, str] = {}
-            if other:
-                self.loc_generated += len(other)
-                cap = max_new_tokens_for("loc", self.max_new_tokens)
+            self.loc_first_not_yes_no += len(other)
+            if other and self.loc_answer == "forward":
                 texts = dict(zip(other, self._generate_batch([reqs[j] for j in other], use_adapter, cap)))
             for j, i in enumerate(idx):
-                self.answered["loc"] += j not in texts
+                if self.loc_answer == "forward" and j not in texts:
+                    self.answered["loc"] += 1
                 text = texts.get(j, "Yes" if top[j] in yes_set else "No")
                 out[i] = LocAnswer(text, min(1.0, max(0.0, float(p[j]))))
+        warn_truncated(self.kind, self.capped["loc"] - capped_before, len(requests), {"loc": self.capped["loc"] - capped_before})
         return out  # type: ignore[return-value]
 
     @torch.no_grad()

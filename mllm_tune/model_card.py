@@ -77,7 +77,9 @@ def render_card(base_model: str, data: dict, lora: dict | None, training: dict, 
         "",
         "## Evaluation (held-out pairs)",
         "",
-        "`eval_yesno_accuracy` is the accuracy of the greedy answer's first token (Yes/No) on the held-out pairs.",
+        "`eval_yesno_accuracy` is the accuracy of the greedy answer's first token (Yes/No) on the held-out pairs; "
+        "`eval_yesno_auc` (ROC-AUC), `eval_yesno_ece` (expected calibration error, 10 bins) and `eval_yesno_brier` "
+        "score p_yes, P(Yes) over the Yes/No tokens at the first answer position, the score THI's τ gate reads.",
         "",
         *_metric_table(eval_rows + train_rows),
         "",

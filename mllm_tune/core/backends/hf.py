@@ -304,9 +304,10 @@ class HFBackend(MLLMBackend):
         inputs = self._inputs(reqs)
         gc = copy.deepcopy(self._gen_config)
         gc.max_new_tokens = int(max_new_tokens)
-        extra = {"output_logits": True, "return_dict_in_generate": True} if first_logits is not None else {}
+        if first_logits is not None:
+            gc.output_logits = gc.return_dict_in_generate = True
         with self._adapter_ctx(use_adapter):
-            gen = model.generate(**inputs, generation_config=gc, **extra)
+            gen = model.generate(**inputs, generation_config=gc)
         if first_logits is not None:
             first_logits.append(gen.logits[0].float())
             gen = gen.sequences

@@ -5,6 +5,8 @@ tests/test_vllm_real.py (``make test-vllm``)."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 import types
 
@@ -28,6 +30,42 @@ def test_missing_vllm_is_a_clear_error(tmp_path, monkeypatch):
         make_backend("vllm", model=tmp_path)
 
 
+# the stand-in engine's tokenizer: the Yes/No variants are single tokens, anything else two
+VOCAB = {"Yes": 11, "No": 12, "yes": 13, "no": 14, " Yes": 15, " No": 16, "The": 17}
+# T_loc prompts "say-yes" / "say-no" / "say-other": the first answer token and the first position's
+# logprobs of the Yes/No ids (what vLLM returns for logprob_token_ids)
+SCRIPT = {"say-yes": ("Yes", {11: -0.2, 12: -2.0, 13: -4.0, 14: -6.0, 15: -7.0, 16: -8.0}),
+          "say-no": ("No", {11: -1.5, 12: -0.4, 13: -5.0, 14: -3.0, 15: -9.0, 16: -9.0}),
+          "say-other": ("The", {11: -3.0, 12: -3.5, 13: -8.0, 14: -8.0, 15: -9.0, 16: -9.0})}
+
+
+class FakeTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [VOCAB[text]] if text in VOCAB else [1, 2]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        inv = {v: k for k, v in VOCAB.items()}
+        return "".join(inv.get(i, "?") for i in ids)
+
+
+def _fake_output(conv, params, lora_request, send_logprobs):
+    ns = types.SimpleNamespace
+    prompt_ids = [1, IMAGE_TOKEN, IMAGE_TOKEN, IMAGE_TOKEN, 2] if conv[0]["content"][0]["type"] == "image_url" else [1, 2]
+    prompt = conv[0]["content"][-1]["text"]
+    if prompt in SCRIPT:
+        word, table = SCRIPT[prompt]
+        out = ns(text=word, token_ids=[VOCAB[word]], finish_reason="stop", logprobs=None)
+        want = params.get("logprob_token_ids")
+        if want and send_logprobs:  # the sampled token first, then exactly the ids asked for
+            first = {VOCAB[word]: ns(logprob=table.get(VOCAB[word], -0.1))}
+            first.update({i: ns(logprob=table[i]) for i in want})
+            out.logprobs = [first]
+        return ns(outputs=[out], prompt_token_ids=prompt_ids)
+    return ns(outputs=[ns(text=f" ans{'-lora' if lora_request else ''} ",
+                          finish_reason="length" if params["max_tokens"] == 1 else "stop")],
+              prompt_token_ids=prompt_ids)
+
+
 @pytest.fixture
 def fake_vllm(monkeypatch):
     """A stand-in ``vllm`` module that records engine starts and chat calls."""
@@ -36,22 +74,23 @@ def fake_vllm(monkeypatch):
     class LLM:
         fail_start: Exception | None = None
         fail_chat: Exception | None = None
+        send_logprobs = True  # False: an engine that returns no logprobs
+        visible_at_start: str | None = None
 
         def __init__(self, **kw):
             calls.append(("init", kw))
+            LLM.visible_at_start = os.environ.get("CUDA_VISIBLE_DEVICES")
             if LLM.fail_start is not None:
                 raise LLM.fail_start
+
+        def get_tokenizer(self):
+            return FakeTokenizer()
 
         def chat(self, convs, params, lora_request=None, use_tqdm=True):
             calls.append(("chat", len(convs), lora_request, params))
             if LLM.fail_chat is not None:
                 raise LLM.fail_chat
-            ns = types.SimpleNamespace
-            return [ns(outputs=[ns(text=f" ans{'-lora' if lora_request else ''} ",
-                                   finish_reason="length" if p["max_tokens"] == 1 else "stop")],
-                       prompt_token_ids=[1, IMAGE_TOKEN, IMAGE_TOKEN, IMAGE_TOKEN, 2]
-                       if c[0]["content"][0]["type"] == "image_url" else [1, 2])
-                    for c, p in zip(convs, params)]
+            return [_fake_output(c, p, lora_request, LLM.send_logprobs) for c, p in zip(convs, params)]
 
     vllm = types.ModuleType("vllm")
     vllm.LLM = LLM
@@ -223,3 +262,112 @@ def test_pixel_budget_is_the_adapters_else_the_training_default(tmp_path, fake_v
     with caplog.at_level("WARNING"):
         make_backend("vllm", model=_model(tmp_path), adapter=adapter, max_pixels=50176)
     assert "differs from the one adapter" in caplog.text  # inference would not see what training saw
+
+
+# -- T_loc as a probability (issue 13) ---------------------------------------------------------------
+
+def _p(table, yes=(11, 13, 15), no=(12, 14, 16)):
+    y = math.log(sum(math.exp(table[i]) for i in yes))
+    n = math.log(sum(math.exp(table[i]) for i in no))
+    return 1 / (1 + math.exp(n - y))
+
+
+def test_localize_gives_generates_text_and_p_yes_from_the_first_tokens_logprobs(tmp_path, fake_vllm, synth_root):
+    from mllm_tune.core.backends import LocAnswer
+
+    img = str(next((synth_root / "imgs").rglob("*.png")))
+    be = make_backend("vllm", model=_model(tmp_path), adapter=_adapter(tmp_path), adapter_tasks=("loc",),
+                      max_new_tokens={"loc": 5})
+    assert be.scores_loc is True
+    ident = be.identity()
+    reqs = [MLLMRequest("loc", "say-yes", img), MLLMRequest("loc", "say-no", img), MLLMRequest("loc", "say-other")]
+    scored = be.localize(reqs)
+    texts = be.generate(reqs)
+    assert [a.text for a in scored] == texts == ["Yes", "No", "The"]  # the text generate() gives
+    assert all(isinstance(a, LocAnswer) and 0.0 <= a.p_yes <= 1.0 for a in scored)
+    for a, r in zip(scored, reqs):
+        assert a.p_yes == pytest.approx(_p(SCRIPT[r.prompt][1]), abs=1e-12)
+    assert scored[0].p_yes > 0.5 > scored[1].p_yes  # agrees with the text when the first token is Yes/No
+    assert be.loc_first_not_yes_no == 1  # "The": p_yes still from the Yes/No logprobs
+    chats = [c for c in fake_vllm.calls if c[0] == "chat"]
+    loc_params, gen_params = chats[0][3], chats[-1][3]
+    assert [p["logprob_token_ids"] for p in loc_params] == [[11, 13, 15, 12, 14, 16]] * 2 + [[11, 13, 15, 12, 14, 16]]
+    assert all("logprob_token_ids" not in p for p in gen_params)
+    # the same request otherwise: greedy fields and the T_loc cap
+    assert [{k: v for k, v in p.items() if k != "logprob_token_ids"} for p in loc_params] == gen_params
+    assert chats[0][2] is not None and gen_params[0]["max_tokens"] == 5  # loc through the adapter
+    assert be.identity() == ident  # scoring does not change what the answers are cached under
+    assert fake_vllm.calls[0][1]["logprobs_mode"] == "raw_logprobs"
+    assert be.yes_no().as_dict() == {"yes": {"Yes": 11, "yes": 13, " Yes": 15}, "no": {"No": 12, "no": 14, " No": 16}}
+    with pytest.raises(ValueError, match="T_loc requests only"):
+        be.localize([MLLMRequest("vqa", "say-yes", img)])
+    assert be.localize([]) == []
+
+
+def test_localize_without_logprobs_from_the_engine_keeps_the_text(tmp_path, fake_vllm):
+    fake_vllm.LLM.send_logprobs = False
+    be = make_backend("vllm", model=_model(tmp_path))
+    out = be.localize([MLLMRequest("loc", "say-yes"), MLLMRequest("loc", "say-no")])
+    assert [(a.text, a.p_yes) for a in out] == [("Yes", None), ("No", None)]
+
+
+# -- one GPU block per process (issue 18) ------------------------------------------------------------
+
+def test_engine_gpus_gives_every_local_rank_a_disjoint_block():
+    from mllm_tune.core.backends.vllm import engine_gpus
+
+    eight = [str(i) for i in range(8)]
+    assert [engine_gpus(r, 8, 1, eight) for r in range(8)] == [[g] for g in eight]
+    blocks = [engine_gpus(r, 4, 2, eight) for r in range(4)]
+    assert blocks == [["0", "1"], ["2", "3"], ["4", "5"], ["6", "7"]]
+    assert engine_gpus(1, 2, 4, eight) == ["4", "5", "6", "7"]
+    assert engine_gpus(1, 2, 1, ["GPU-aa", "GPU-bb", "GPU-cc"]) == ["GPU-bb"]  # UUIDs work alike
+    assert engine_gpus(0, 2, 2, ["4", "5", "6", "7"]) == ["4", "5"]  # within CUDA_VISIBLE_DEVICES
+    # the launcher gave this process its own GPU (srun --gpus-per-task=1: every task sees "0")
+    assert engine_gpus(3, 4, 1, ["0"], per_process=True) == ["0"]
+    with pytest.raises(BackendError, match="4 processes on this node with --vllm-tensor-parallel-size 2 need 8 GPUs, "
+                                           "but 4 are visible"):
+        engine_gpus(0, 4, 2, eight[:4])
+    with pytest.raises(BackendError, match="need 2 GPUs, but 1 are visible"):
+        engine_gpus(1, 2, 1, ["0"])  # one GPU seen by the whole node, not set per process
+    with pytest.raises(BackendError, match="impossible process layout"):
+        engine_gpus(2, 2, 1, eight)
+
+
+def test_pin_engine_gpus_sets_cuda_visible_devices_from_the_local_rank():
+    from mllm_tune.core.backends.vllm import pin_engine_gpus
+
+    env = {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    got = pin_engine_gpus(None, env=env, gpu_count=2)
+    assert env["CUDA_VISIBLE_DEVICES"] == "1" and got["cuda_visible_devices"] == "1"
+    assert got["visible_before"] == "unset (2 GPUs)" and got["source"] == "pinned by local rank"
+    env = {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+    assert pin_engine_gpus(2, env=env)["cuda_visible_devices"] == "6,7" and env["CUDA_VISIBLE_DEVICES"] == "6,7"
+    env = {"LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4", "CUDA_VISIBLE_DEVICES": "0"}  # srun --gpus-per-task=1
+    assert pin_engine_gpus(1, env=env)["source"] == "as given by the launcher" and env["CUDA_VISIBLE_DEVICES"] == "0"
+    for env in ({}, {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}):  # one process on the node: nothing to do
+        assert pin_engine_gpus(1, env=env, gpu_count=8) is None and "CUDA_VISIBLE_DEVICES" not in env
+    env = {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert pin_engine_gpus(1, env=env, gpu_count=0) is None and env == {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    # an in-process engine cannot move once this process initialised CUDA with every GPU visible
+    env = {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    with pytest.raises(BackendError, match="unset VLLM_ENABLE_V1_MULTIPROCESSING"):
+        pin_engine_gpus(1, env=env, gpu_count=2, cuda_initialised=True)
+    assert "CUDA_VISIBLE_DEVICES" not in env
+    assert pin_engine_gpus(1, env=env, gpu_count=2, cuda_initialised=False)["cuda_visible_devices"] == "1"
+
+
+def test_backend_pins_its_engine_before_starting_it(tmp_path, fake_vllm, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    be = make_backend("vllm", model=_model(tmp_path), tensor_parallel_size=2)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"  # nothing changes before the engine starts
+    be.generate([MLLMRequest("aggr", "x")])
+    assert fake_vllm.LLM.visible_at_start == "2,3" and fake_vllm.calls[0][1]["tensor_parallel_size"] == 2
+    assert be.engine_settings()["gpus"]["cuda_visible_devices"] == "2,3"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    off = make_backend("vllm", model=_model(tmp_path), pin_gpus=False)
+    off.generate([MLLMRequest("aggr", "x")])
+    assert fake_vllm.LLM.visible_at_start == "0,1,2,3" and "gpus" not in off.engine_settings()

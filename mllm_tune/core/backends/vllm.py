@@ -20,6 +20,28 @@ What must match the hf backend and training, and how:
 - **Adapters** are checked before the engine starts (:mod:`.adapter_check`), and engine failures
   (start-up, a dead engine core) become one :class:`~.base.BackendError` with the root cause and
   the fix.
+
+**T_loc as a probability** (:meth:`VLLMBackend.localize`): the loc requests are generated exactly
+as :meth:`~VLLMBackend.generate` generates them (same greedy settings and cap, so the same text) with
+``SamplingParams(logprob_token_ids=[...])`` naming every single-token Yes/No variant of the
+tokenizer (:func:`~mllm_tune.core.yes_no.yes_no_ids`). vLLM then returns, for each generated
+position, the logprobs of exactly those ids (plus the sampled token); the first position's give
+``p_yes`` (:func:`~mllm_tune.core.yes_no.p_yes_from_logprobs`). What the numbers are computed from:
+vLLM's V1 sampler takes ``log_softmax`` of the model's logits *before* any logits processor,
+penalty or temperature (``logprobs_mode="raw_logprobs"``, vLLM's default, which the backend sets
+explicitly), i.e. raw model log-probabilities over the full vocabulary. With greedy decoding and
+every penalty off they equal the processed ones anyway. Measured on the CPU engine
+(``tests/test_vllm_real.py``): the same p_yes as the hf backend's softmax over the same ids.
+Requesting the logprobs changes neither the text nor the cache identity.
+
+**One GPU (or one block of GPUs) per process** (:func:`pin_engine_gpus`): under ``accelerate
+launch`` / torchrun with several processes on a node, every process would otherwise start its engine
+on the node's first GPU(s). Before the engine starts, the backend sets ``CUDA_VISIBLE_DEVICES`` of
+the process to its own block: local rank ``r`` with tensor parallelism ``t`` gets the visible GPUs
+``r*t .. r*t+t-1`` (:func:`engine_gpus`). vLLM's engine core (and its tensor-parallel workers) are
+separate processes started after that, so they see only that block, even when this process
+initialised CUDA earlier (the retriever). An in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
+in a process that already initialised CUDA cannot be moved: that is refused with the fix.
 """
 
 from __future__ import annotations
@@ -27,15 +49,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 from .adapter_check import assert_servable, check_adapter, lora_rank_for_engine
+from ..yes_no import YesNoIds, p_yes_from_logprobs, yes_no_ids
 from .base import (
     BackendError,
+    LocAnswer,
     MLLMBackend,
     MLLMRequest,
+    _check_loc,
     greedy_decoding_settings,
     max_new_tokens_table,
     resolve_pixel_budget,
@@ -130,8 +156,92 @@ def _start_fix(cause: str) -> str:
             "process's own error is in the log above (VLLM_ENABLE_V1_MULTIPROCESSING=0 brings it into this one)")
 
 
+# -- one GPU block per process --------------------------------------------------------------------
+
+def engine_gpus(local_rank: int, local_world_size: int, tensor_parallel_size: int, visible: Sequence[str],
+                per_process: bool = False) -> list[str]:
+    """The GPUs (entries of ``visible``, the devices this process sees, in order) the engine of
+    local rank ``local_rank`` uses: the block ``[r*t, r*t + t)`` for ``t = tensor_parallel_size``,
+    so ``local_world_size`` processes get disjoint blocks. ``per_process``: ``visible`` was set for
+    this process by the launcher (``CUDA_VISIBLE_DEVICES`` given, e.g. ``srun --gpus-per-task``);
+    then exactly ``t`` visible GPUs are this process's own and are kept. Raises
+    :class:`~.base.BackendError` when there are too few GPUs for every process's block."""
+    r, n, t = int(local_rank), int(local_world_size), int(tensor_parallel_size or 1)
+    visible = [str(v).strip() for v in visible if str(v).strip()]
+    if t < 1 or n < 1 or not 0 <= r < n:
+        raise BackendError(f"vllm backend: impossible process layout (local rank {r} of {n}, tensor parallel size {t})")
+    if per_process and len(visible) == t:
+        return list(visible)  # pinned by the launcher: this process sees only its own block
+    if len(visible) < n * t:
+        raise BackendError(
+            f"vllm backend: {n} processes on this node with --vllm-tensor-parallel-size {t} need {n * t} GPUs, but "
+            f"{len(visible)} are visible ({','.join(visible) or 'none'}); start fewer processes per node "
+            "(--num_processes), lower the tensor parallel size, or give each process its own GPUs "
+            "(srun --gpus-per-task)")
+    return visible[r * t:(r + 1) * t]
+
+
+def _visible_gpus(env: dict[str, str] | os._Environ, gpu_count: int | None) -> list[str]:
+    cvd = env.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        return [v.strip() for v in cvd.split(",") if v.strip()]
+    if gpu_count is None:
+        try:
+            import torch
+
+            gpu_count = torch.cuda.device_count()  # NVML count: does not initialise CUDA
+        except Exception:  # noqa: BLE001 - no torch / no driver: no GPU to pin
+            gpu_count = 0
+    return [str(i) for i in range(int(gpu_count))]
+
+
+def pin_engine_gpus(tensor_parallel_size: int | None = None, env: dict[str, str] | os._Environ | None = None,
+                    gpu_count: int | None = None, cuda_initialised: bool | None = None) -> dict[str, Any] | None:
+    """Restrict this process's ``CUDA_VISIBLE_DEVICES`` to its own GPU block before its vLLM engine
+    starts, when several processes share the node (``LOCAL_WORLD_SIZE`` > 1, set by torchrun and
+    ``accelerate launch``; ``LOCAL_RANK`` says which block). ``env`` defaults to ``os.environ`` and
+    is changed in place. Returns what was decided (for results.json), or None when there is nothing
+    to pin (one process on the node, or no GPU). ``gpu_count``/``cuda_initialised`` are for tests;
+    by default they are asked from torch without initialising CUDA."""
+    env = os.environ if env is None else env
+    n = int(env.get("LOCAL_WORLD_SIZE") or 1)
+    if n <= 1:
+        return None
+    r = int(env.get("LOCAL_RANK") or 0)
+    before = env.get("CUDA_VISIBLE_DEVICES")
+    visible = _visible_gpus(env, gpu_count)
+    if not visible:
+        return None  # a CPU engine: nothing to pin
+    t = int(tensor_parallel_size or 1)
+    block = engine_gpus(r, n, t, visible, per_process=before is not None)
+    if block == visible:
+        return {"local_rank": r, "local_world_size": n, "cuda_visible_devices": ",".join(block),
+                "source": "as given by the launcher"}
+    if env.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+        if cuda_initialised is None:
+            try:
+                import torch
+
+                cuda_initialised = bool(torch.cuda.is_initialized())
+            except Exception:  # noqa: BLE001
+                cuda_initialised = False
+        if cuda_initialised:
+            raise BackendError(
+                f"vllm backend: local rank {r} of {n} must run its engine on GPU(s) {','.join(block)}, but the engine "
+                "would run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), which already initialised CUDA with "
+                f"every GPU visible ({before or 'all'}); unset VLLM_ENABLE_V1_MULTIPROCESSING (the engine core then "
+                "starts in its own process on its own GPUs), or set CUDA_VISIBLE_DEVICES per process in the launcher")
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(block)
+    logger.info("vllm backend: local rank %d of %d runs its engine on GPU(s) %s (CUDA_VISIBLE_DEVICES was %s)",
+                r, n, env["CUDA_VISIBLE_DEVICES"], before if before is not None else "unset")
+    return {"local_rank": r, "local_world_size": n, "cuda_visible_devices": env["CUDA_VISIBLE_DEVICES"],
+            "visible_before": before if before is not None else f"unset ({len(visible)} GPUs)",
+            "source": "pinned by local rank"}
+
+
 class VLLMBackend(MLLMBackend):
     kind = "vllm"
+    scores_loc = True
 
     def __init__(
         self,
@@ -148,9 +258,12 @@ class VLLMBackend(MLLMBackend):
         tensor_parallel_size: int | None = None,
         enforce_eager: bool | None = None,
         engine_kwargs: dict[str, Any] | None = None,
+        pin_gpus: bool = True,
         **_: Any,
     ) -> None:
         self._vllm, self._LoRARequest = _import_vllm()
+        self.pin_gpus = bool(pin_gpus)
+        self.gpu_pinning: dict[str, Any] | None = None  # what pin_engine_gpus decided (engine start)
         self.model_resolved, self.adapter_resolved = resolve_model_folders(self.kind, model, adapter)
         self.model_path = self.model_resolved.path
         self.adapter_path = self.adapter_resolved.path if self.adapter_resolved else None
@@ -184,6 +297,9 @@ class VLLMBackend(MLLMBackend):
         self.visual_tokens: list[int] = []
         self.capped: Counter[str] = Counter()
         self.answered: Counter[str] = Counter()
+        self._yes_no: YesNoIds | None = None
+        # T_loc answers whose first generated token was not a Yes/No id (p_yes still from their logprobs)
+        self.loc_first_not_yes_no = 0
 
     # -- what the answers depend on, and what results.json records -------------------------
     def decoding(self) -> dict[str, Any]:
@@ -201,7 +317,9 @@ class VLLMBackend(MLLMBackend):
                               "mm_processor_kwargs": {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels},
                               # sampling defaults from the checkpoint's generation_config (repetition
                               # penalty 1.05 on Qwen2-VL) must not leak in: every field is set below
-                              "generation_config": "vllm", **self.settings}
+                              "generation_config": "vllm",
+                              # localize(): logprobs of the model's logits before any processor
+                              "logprobs_mode": "raw_logprobs", **self.settings}
         if self.adapter_path is not None:
             kw["enable_lora"] = True
             kw["max_lora_rank"] = lora_rank_for_engine(self.adapter_rank)
@@ -211,7 +329,8 @@ class VLLMBackend(MLLMBackend):
     def engine_settings(self) -> dict[str, Any]:
         """For results.json: the engine arguments, where max_model_len came from, and the budget."""
         kw = {k: v for k, v in self.engine_kwargs_used().items() if k != "model"}
-        return {**kw, "max_model_len_source": self.max_model_len_source, "pixel_budget": self.pixel_budget.as_dict()}
+        return {**kw, "max_model_len_source": self.max_model_len_source, "pixel_budget": self.pixel_budget.as_dict(),
+                **({"gpus": dict(self.gpu_pinning)} if self.gpu_pinning else {})}
 
     def visual_token_stats(self) -> dict[str, Any]:
         n = len(self.visual_tokens)
@@ -225,6 +344,8 @@ class VLLMBackend(MLLMBackend):
                                "new process (the engine cannot be restarted in this one)")
         if self._llm is None:
             kw = self.engine_kwargs_used()
+            if self.pin_gpus:  # several processes on this node: this one's own GPU block
+                self.gpu_pinning = pin_engine_gpus(kw.get("tensor_parallel_size"))
             logger.info("starting vLLM engine: %s", kw)
             try:
                 self._llm = self._vllm.LLM(**kw)
@@ -238,12 +359,13 @@ class VLLMBackend(MLLMBackend):
     def _uses_adapter(self, task: str) -> bool:
         return self.adapter_path is not None and (self.adapter_tasks is None or task in self.adapter_tasks)
 
-    def _params(self, task: str):
+    def _params(self, task: str, logprob_ids: Sequence[int] | None = None):
         g = greedy_decoding_settings()
+        extra = {"logprob_token_ids": [int(i) for i in logprob_ids]} if logprob_ids else {}
         return self._vllm.SamplingParams(
             temperature=g["temperature"], top_p=g["top_p"], top_k=0, repetition_penalty=g["repetition_penalty"],
             presence_penalty=g["presence_penalty"], frequency_penalty=g["frequency_penalty"],
-            max_tokens=self.max_new_tokens[task])
+            max_tokens=self.max_new_tokens[task], **extra)
 
     def _chat_error(self, exc: Exception, lora: Any) -> BackendError:
         cause = _describe(exc)
@@ -268,12 +390,56 @@ class VLLMBackend(MLLMBackend):
         return BackendError(f"vllm backend: {cause}. Fix: {fix}")
 
     def generate(self, requests: Sequence[MLLMRequest]) -> list[str]:
+        return [text for text, _ in self._run(list(requests), None)]
+
+    def yes_no(self) -> YesNoIds:
+        """The Yes/No token ids :meth:`localize` scores (from the engine's tokenizer; starts it)."""
+        if self._yes_no is None:
+            llm = self._engine()
+            if self._tokenizer is None:
+                self._tokenizer = llm.get_tokenizer()
+            try:
+                self._yes_no = yes_no_ids(self._tokenizer)
+            except ValueError as exc:
+                raise BackendError(f"vllm backend: {exc}") from None
+        return self._yes_no
+
+    def localize(self, requests: Sequence[MLLMRequest]) -> list[LocAnswer]:
+        """T_loc answers with p_yes: the text :meth:`generate` gives (the same greedy request and
+        cap) and P(Yes) over the Yes/No ids from the engine's logprobs at the first generated token
+        (see the module docstring). p_yes is None only if the engine returned no logprobs."""
         requests = list(requests)
+        _check_loc(requests)
+        if not requests:
+            return []
+        ids = self.yes_no()
+        out = []
+        for text, (table, first_token) in self._run(requests, ids.all):
+            p = p_yes_from_logprobs(table, ids.yes, ids.no) if table else None
+            if first_token is not None and first_token not in ids.all:
+                self.loc_first_not_yes_no += 1
+            out.append(LocAnswer(text, None if p is None else min(1.0, max(0.0, p))))
+        return out
+
+    @staticmethod
+    def _first_position(output: Any) -> tuple[dict[int, float] | None, int | None]:
+        """({token id: logprob} at the first generated position, or None when the engine sent no
+        logprobs; the first generated token id, or None)."""
+        ids = list(getattr(output, "token_ids", None) or [])
+        first_token = int(ids[0]) if ids else None
+        positions = getattr(output, "logprobs", None)
+        if not positions or not positions[0]:
+            return None, first_token
+        return {int(t): float(getattr(lp, "logprob", lp)) for t, lp in positions[0].items()}, first_token
+
+    def _run(self, requests: list[MLLMRequest], logprob_ids: Sequence[int] | None
+             ) -> list[tuple[str, tuple[dict[int, float] | None, int | None]]]:
+        """Greedy answers, each with (first position's logprobs of ``logprob_ids``, first token)."""
         if not requests:
             return []
         llm = self._engine()
         image_token = self._config.get("image_token_id")
-        out: list[str | None] = [None] * len(requests)
+        out: list[Any] = [None] * len(requests)
         capped: Counter[str] = Counter()
         for use_adapter in (True, False):
             idx = [i for i, r in enumerate(requests) if self._uses_adapter(r.task) == use_adapter]
@@ -287,7 +453,7 @@ class VLLMBackend(MLLMBackend):
                     content.append({"type": "image_url", "image_url": {"url": image_data_url(r.image)}})
                 content.append({"type": "text", "text": r.prompt})
                 convs.append([{"role": "user", "content": content}])
-                params.append(self._params(r.task))
+                params.append(self._params(r.task, logprob_ids))
             lora = self._LoRARequest("thi_adapter", 1, str(self.adapter_path)) if use_adapter else None
             try:
                 results = llm.chat(convs, params, lora_request=lora, use_tqdm=False)
@@ -295,7 +461,7 @@ class VLLMBackend(MLLMBackend):
                 raise self._chat_error(exc, lora) from exc
             for i, res in zip(idx, results):
                 first = res.outputs[0]
-                out[i] = self._text(llm, first)
+                out[i] = (self._text(llm, first), self._first_position(first) if logprob_ids else (None, None))
                 task = requests[i].task
                 self.answered[task] += 1
                 if getattr(first, "finish_reason", None) == "length":
@@ -304,7 +470,7 @@ class VLLMBackend(MLLMBackend):
                     self.visual_tokens.append(sum(1 for t in res.prompt_token_ids if t == image_token))
         self.capped.update(capped)
         warn_truncated(self.kind, sum(capped.values()), len(requests), dict(capped))
-        return out  # type: ignore[return-value]
+        return out
 
     def _text(self, llm: Any, output: Any) -> str:
         # Decoded from the token ids, as the hf backend decodes them: vLLM's incremental text drops
@@ -322,4 +488,4 @@ class VLLMBackend(MLLMBackend):
         self._tokenizer = None
 
 
-__all__ = ["VLLMBackend", "derived_max_model_len"]
+__all__ = ["VLLMBackend", "derived_max_model_len", "engine_gpus", "pin_engine_gpus"]

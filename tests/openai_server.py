@@ -6,8 +6,17 @@ task is recognised from the prompt. ``fail_first`` makes the first N completions
 exercise retries. Faults for the failover tests: ``fail_every`` (every completion answers HTTP 500
 while set), ``hang`` (seconds a completion sleeps before answering: past the client's timeout),
 ``die_after`` (after N answered completions the server dies: the listener closes and requests in
-flight get no reply) and :meth:`kill`. ``answered`` lists the (prompt, image) of every completion
+flight get no reply), ``cut_after`` (after N answered completions the next reply stops after its
+status line, headers and a few body bytes, and the server dies: what a real vLLM server SIGKILLed
+mid-reply does; ``cut`` counts such replies) and :meth:`kill`. ``answered`` lists the (prompt, image) of every completion
 it really sent back. Run by hand: ``python tests/openai_server.py DATASET_ROOT [PORT]``.
+
+Logprobs (``logprobs: true, top_logprobs: N`` in a request): ``logprobs=True`` (default) answers
+with an OpenAI ``choices[0].logprobs`` object whose first token's ``top_logprobs`` put the oracle's
+p_yes on "Yes"/" Yes" and 1 - p_yes on "No"/"no" (so P(Yes) renormalised over them is the
+oracle's p_yes; "The" takes some mass too), ``logprobs=False`` never sends logprobs (a server
+without them), ``logprobs="unmatched"`` sends byte-level token names ("ĠYes") no text matches.
+``logprob_requests`` counts the completions that asked for logprobs.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import sys
 import threading
 import time
@@ -29,7 +39,7 @@ from mllm_tune.core.prompts import DEFAULT_PROMPTS
 class OracleServer:
     def __init__(self, dataset_root: str | Path, model: str = "oracle", port: int = 0, fail_first: int = 0,
                  loc_rule: str = "identity", fail_every: bool = False, hang: float = 0.0,
-                 die_after: int | None = None) -> None:
+                 die_after: int | None = None, logprobs: bool | str = True, cut_after: int | None = None) -> None:
         self.oracle = OracleBackend(dataset_root, loc_rule=loc_rule)
         self.model = model
         self.by_hash = {hashlib.sha256(p.read_bytes()).hexdigest(): str(p)
@@ -37,6 +47,9 @@ class OracleServer:
         self.fail_left = fail_first
         self.completions = 0
         self.fail_every, self.hang, self.die_after = fail_every, float(hang), die_after
+        self.logprobs = logprobs
+        self.logprob_requests = 0
+        self.cut_after, self.cut = cut_after, 0
         self.dead = False
         self.answered: list[tuple[str, str | None]] = []
         self.failed = 0  # completions answered with an error (503/500) or left hanging
@@ -80,17 +93,36 @@ class OracleServer:
                 if body.get("model") != server.model:
                     return self._send(404, {"error": f"model {body.get('model')} not served"})
                 content = body["messages"][-1]["content"]
-                answer = server.answer(content)
+                answer, p_yes = server.answer_scored(content)
                 with server.lock:
                     if server.dead:
                         self.close_connection = True
                         return
-                    server.completions += 1
-                    server.answered.append(server.key(content))
-                    if server.die_after is not None and server.completions >= server.die_after:
+                    cut = server.cut_after is not None and server.completions >= server.cut_after
+                    if cut:
+                        server.cut += 1
                         server.kill()
-                self._send(200, {"object": "chat.completion", "model": server.model, "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}]})
+                    else:
+                        server.completions += 1
+                        server.logprob_requests += bool(body.get("logprobs"))
+                        server.answered.append(server.key(content))
+                        if server.die_after is not None and server.completions >= server.die_after:
+                            server.kill()
+                if cut:  # the status line and headers go out, the body stops short: IncompleteRead
+                    data = json.dumps({"choices": [{"message": {"content": answer}}]}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[:5])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                choice = {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop",
+                          "logprobs": None}
+                if body.get("logprobs") and server.logprobs:
+                    choice["logprobs"] = server.logprob_object(answer, p_yes, int(body.get("top_logprobs") or 0))
+                self._send(200, {"object": "chat.completion", "model": server.model, "choices": [choice]})
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.port = self.httpd.server_address[1]
@@ -98,6 +130,10 @@ class OracleServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def answer(self, content: list[dict]) -> str:
+        return self.answer_scored(content)[0]
+
+    def answer_scored(self, content: list[dict]) -> tuple[str, float | None]:
+        """The oracle's answer and, for T_loc, its p_yes (0.9 / 0.1 if the oracle has no scores)."""
         image, prompt = None, ""
         for part in content:
             if part["type"] == "image_url":
@@ -109,7 +145,31 @@ class OracleServer:
             task = "aggr"
         else:
             task = "vqa" if prompt == DEFAULT_PROMPTS.render_vqa() else "loc"
-        return self.oracle.generate([MLLMRequest(task, prompt, image)])[0]
+        req = MLLMRequest(task, prompt, image)
+        if task != "loc":
+            return self.oracle.generate([req])[0], None
+        if getattr(self.oracle, "scores_loc", False):
+            a = self.oracle.localize([req])[0]
+            return a.text, a.p_yes
+        text = self.oracle.generate([req])[0]
+        return text, 0.9 if text == "Yes" else 0.1
+
+    def logprob_object(self, answer: str, p_yes: float | None, top: int) -> dict:
+        """An OpenAI chat ``logprobs`` object for the answer's first token."""
+        first = answer.split(" ", 1)[0] or answer
+        if p_yes is None:  # not a T_loc answer: the first word is sure
+            tops = [(first, 0.0)]
+        else:
+            p = min(max(p_yes, 1e-12), 1 - 1e-12)  # log(0) is no logprob
+            named = {"Yes": 0.8 * p, " Yes": 0.1 * p, "No": 0.8 * (1 - p), "no": 0.1 * (1 - p), "The": 0.1}
+            tops = sorted(((t, math.log(v)) for t, v in named.items()), key=lambda kv: -kv[1])
+        if self.logprobs == "unmatched":  # raw byte-level BPE names: no exact text match
+            tops = [("\u0120" + t.lstrip(" "), lp) for t, lp in tops]
+            first = "\u0120" + first
+        chosen = dict(tops).get(first, tops[0][1])
+        return {"content": [{"token": first, "logprob": chosen, "bytes": list(first.encode()),
+                             "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())}
+                                              for t, lp in tops[:max(top, 0)]]}]}
 
     def key(self, content: list[dict]) -> tuple[str, str | None]:
         image, prompt = None, ""

@@ -139,3 +139,102 @@ def test_an_adapter_vllm_cannot_serve_is_refused_before_any_request(tmp_path):
                                                         "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}))
     with pytest.raises(BackendError, match="modules_to_save"):
         make_backend("openai", base_url="http://127.0.0.1:9/v1", model="anchor", adapter=str(ad))
+
+
+# -- T_loc as a probability (issue 13) ---------------------------------------------------------------
+
+def _loc_reqs(split, n=12):
+    return [MLLMRequest("loc", P.render_loc(t), split.gallery_paths[(2 * i) % 9]) for i, t in enumerate(split.query_texts[:n])]
+
+
+def test_openai_localize_reads_p_yes_from_the_first_tokens_top_logprobs(synth_root, split, caplog, tmp_path):
+    from mllm_tune.core.backends import LocAnswer
+
+    reqs = _loc_reqs(split)
+    oracle = make_backend("oracle", dataset_root=synth_root, loc_rule="identity")
+    texts = oracle.generate(reqs)
+    with OracleServer(synth_root) as srv:
+        be = make_backend("openai", base_url=srv.base_url, model="oracle", concurrency=3)
+        ident = be.identity()
+        with caplog.at_level("WARNING"):
+            out = be.localize(reqs)
+        assert "logprobs" not in caplog.text and be.scores_loc is True
+        assert srv.logprob_requests == len(reqs)
+        assert [a.text for a in out] == texts and all(isinstance(a, LocAnswer) for a in out)
+        assert all(0.0 <= a.p_yes <= 1.0 for a in out) and {a.text for a in out} == {"Yes", "No"}
+        assert all((a.p_yes > 0.5) == (a.text == "Yes") for a in out)
+        if getattr(oracle, "scores_loc", False):  # the server spreads the oracle's p_yes over Yes/No variants
+            want = oracle.localize(reqs)
+            assert [a.p_yes for a in out] == pytest.approx([w.p_yes for w in want], abs=1e-6)
+        assert be.loc_score_stats() == {"scored": len(reqs)}
+        assert be.generate(reqs[:2]) == texts[:2] and srv.logprob_requests == len(reqs)  # generate asks none
+        assert be.identity() == ident
+        with pytest.raises(ValueError, match="T_loc requests only"):
+            be.localize([MLLMRequest("aggr", "merge")])
+        be.close()
+        # scoring does not change the cache identity: the scored answers serve generate() from the cache
+        cached = CachedBackend(make_backend("openai", base_url=srv.base_url, model="oracle"), tmp_path / "c")
+        cached.localize(reqs[:4])
+        before = srv.completions
+        assert cached.generate(reqs[:4]) == texts[:4] and srv.completions == before
+        cached.close()
+
+
+@pytest.mark.parametrize("mode", [False, "unmatched"])
+def test_openai_localize_without_usable_logprobs_keeps_the_text_and_warns_once(synth_root, split, caplog, mode):
+    reqs = _loc_reqs(split, 8)
+    texts = make_backend("oracle", dataset_root=synth_root, loc_rule="identity").generate(reqs)
+    with OracleServer(synth_root, logprobs=mode) as srv:
+        be = make_backend("openai", base_url=srv.base_url, model="oracle", concurrency=2)
+        with caplog.at_level("WARNING", logger="mllm_tune.core.backends.openai_compat"):
+            first = be.localize(reqs[:5])
+            second = be.localize(reqs[5:])
+        out = first + second
+        assert [a.text for a in out] == texts and all(a.p_yes is None for a in out)
+        warnings = [r for r in caplog.records if "p_yes" in r.getMessage()]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        if mode is False:
+            assert "sent no logprobs" in warnings[0].getMessage() and be.scores_loc is False
+            assert be.loc_score_stats() == {"no logprobs": 8}
+        else:
+            assert "none of the first token's top 20 logprobs is a Yes/No token" in warnings[0].getMessage()
+            assert be.scores_loc is True and be.loc_score_stats() == {"no Yes/No token": 8}
+        be.close()
+
+
+def test_p_yes_from_top_logprobs_matches_exact_token_text():
+    import math
+
+    from mllm_tune.core.backends.openai_compat import p_yes_from_top_logprobs
+
+    lp = math.log
+    obj = {"content": [{"token": "Yes", "logprob": lp(0.6), "top_logprobs": [
+        {"token": "Yes", "logprob": lp(0.6)}, {"token": "No", "logprob": lp(0.2)}, {"token": " yes", "logprob": lp(0.1)},
+        {"token": "Yes", "logprob": lp(0.05)},  # another id with the same text: summed
+        {"token": "Yeah", "logprob": lp(0.05)}]}]}
+    p, how = p_yes_from_top_logprobs(obj)
+    assert how == "scored" and p == pytest.approx(0.75 / 0.95)
+    # the chosen token counts when the server's top list lacks it (top_logprobs 0)
+    assert p_yes_from_top_logprobs({"content": [{"token": "No", "logprob": -0.1, "top_logprobs": []}]}) == (0.0, "scored")
+    assert p_yes_from_top_logprobs(None) == (None, "no logprobs")
+    assert p_yes_from_top_logprobs({"content": []}) == (None, "no logprobs")
+    assert p_yes_from_top_logprobs({"content": [{"token": "The", "logprob": -0.1,
+                                                 "top_logprobs": [{"token": "A", "logprob": -3}]}]}) == (None, "no Yes/No token")
+
+
+def test_a_reply_cut_off_after_its_headers_is_retried_on_the_other_server(synth_root, split):
+    """What a real vLLM server SIGKILLed mid-reply does (tests/test_vllm_real.py found it): status 200
+    and Content-Length arrive, the body stops short (http.client.IncompleteRead). The request is
+    retried on the other server, not fatal."""
+    reqs = _loc_reqs(split, 10)
+    want = make_backend("oracle", dataset_root=synth_root, loc_rule="identity").generate(reqs)
+    with OracleServer(synth_root, cut_after=3) as a, OracleServer(synth_root) as b:
+        be = make_backend("openai", base_url=[a.base_url, b.base_url], model="oracle", concurrency=1,
+                          backoff=0.01, health_interval=60)
+        assert be.generate(reqs) == want
+        st = be.server_stats()
+        assert a.cut == 1 and a.completions == 3 and b.completions == len(reqs) - 3
+        assert st["servers"][0]["requests"] == 3 and st["servers"][0]["healthy"] is False
+        assert st["servers"][0]["errors"] >= 1 and "IncompleteRead" in st["servers"][0]["last_error"]
+        assert st["retries"] == st["servers"][0]["errors"]
+        be.close()

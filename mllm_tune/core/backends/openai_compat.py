@@ -9,10 +9,10 @@ rather than after every retry.
 **Several servers** (``base_url`` a list; ``--base-url`` given several times): every server must
 serve the model name (checked at start; a mismatch names the URLs). Each request goes to the
 healthy server with the fewest requests in flight (at most ``concurrency`` per server). A request
-that fails there (connection error, timeout, retryable HTTP status) takes that server out and is
-retried at once on another healthy one; only when none is left does it back off. A server that is
-out comes back when its health check (``GET /models``, at most every ``health_interval`` s)
-passes. :meth:`OpenAIBackend.server_stats` reports requests, errors, retries and the seconds lost
+that fails there (connection error, timeout, a reply cut off after its headers, retryable HTTP
+status) takes that server out and is retried at once on another healthy one; only when none is
+left does it back off. A server that is out comes back when its health check (``GET /models``, at
+most every ``health_interval`` s) passes. :meth:`OpenAIBackend.server_stats` reports requests, errors, retries and the seconds lost
 per server. The cache identity of a multi-server backend names the model, not the URLs, so a run
 resumed against another set of servers reuses its answers.
 
@@ -33,13 +33,26 @@ What the server must share with training (set when starting it; a client cannot 
   generation_config (``repetition_penalty`` 1.05 on real Qwen2-VL). Turn ``greedy_extras`` off for
   servers that reject unknown fields. Caps are per task (:data:`~.base.DEFAULT_MAX_NEW_TOKENS`);
   replies with ``finish_reason == "length"`` are counted and warned about.
+
+**T_loc as a probability** (:meth:`OpenAIBackend.localize`): the same request as ``generate``
+plus ``logprobs: true, top_logprobs: 20`` (the most the OpenAI API allows; vLLM's default
+``--max-logprobs`` is 20 too). From the first generated token's ``top_logprobs`` the tokens whose
+text is exactly one of :data:`~mllm_tune.core.yes_no.YES_STRINGS` / ``NO_STRINGS`` give
+``p_yes`` (renormalised over them, :func:`~mllm_tune.core.yes_no.p_yes_from_logprobs`); tokens
+of the same text are summed. A server that sends no logprobs, or a first position where none of
+the 20 tokens is a Yes/No string, gives the text answer with ``p_yes=None``; the first such reply
+logs one warning per backend, :meth:`OpenAIBackend.loc_score_stats` counts them, and a server
+without logprobs turns ``scores_loc`` off (so a cache does not ask again for scores it cannot get).
+Asking for logprobs changes neither the answer text nor the cache identity.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import logging
+import math
 import mimetypes
 import random
 import threading
@@ -52,10 +65,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..yes_no import NO_STRINGS, YES_STRINGS, p_yes_from_logprobs
 from .base import (
     BackendError,
+    LocAnswer,
     MLLMBackend,
     MLLMRequest,
+    _check_loc,
     expected_visual_tokens,
     greedy_decoding_settings,
     max_new_tokens_for,
@@ -67,6 +83,38 @@ from .base import (
 logger = logging.getLogger(__name__)
 
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+TOP_LOGPROBS = 20  # the most OpenAI's chat API allows per position
+
+
+def p_yes_from_top_logprobs(logprobs: Any) -> tuple[float | None, str]:
+    """(p_yes, how) from a chat completion choice's ``logprobs`` object: the first generated
+    token's ``top_logprobs`` (and the token itself), matched to the Yes/No strings by exact text.
+    ``how``: "scored", "no logprobs" (the server sent none) or "no Yes/No token" (none of the
+    first position's tokens is one)."""
+    content = (logprobs or {}).get("content") if isinstance(logprobs, dict) else None
+    if not content or not isinstance(content[0], dict):
+        return None, "no logprobs"
+    first = content[0]
+    entries = [e for e in (first.get("top_logprobs") or []) if isinstance(e, dict)]
+    if isinstance(first.get("token"), str) and first.get("logprob") is not None \
+            and all(e.get("token") != first["token"] for e in entries):
+        entries.append(first)  # the chosen token, when the top list does not hold it already
+    table: dict[str, float] = {}
+    for e in entries:
+        tok, lp = e.get("token"), e.get("logprob")
+        if not isinstance(tok, str) or lp is None:
+            continue
+        lp = float(lp)
+        table[tok] = lp if tok not in table else _logaddexp(table[tok], lp)  # ids with the same text
+    p = p_yes_from_logprobs(table, YES_STRINGS, NO_STRINGS)
+    if p is None:
+        return None, "no Yes/No token"
+    return min(1.0, max(0.0, p)), "scored"
+
+
+def _logaddexp(a: float, b: float) -> float:
+    m = max(a, b)
+    return m if m == -math.inf else m + math.log(math.exp(a - m) + math.exp(b - m))
 
 
 def image_data_url(path: str) -> str:
@@ -130,6 +178,7 @@ class _Retry(Exception):
 
 class OpenAIBackend(MLLMBackend):
     kind = "openai"
+    scores_loc = True  # until a server answers a localize() request without logprobs
 
     def __init__(
         self,
@@ -185,6 +234,8 @@ class OpenAIBackend(MLLMBackend):
         self._checked = False
         self._pool: ThreadPoolExecutor | None = None
         self.retries = 0  # retried requests, for reports and tests
+        self.loc_scores: Counter[str] = Counter()  # localize() replies: scored / no logprobs / no Yes/No token
+        self._warned_unscored = False
 
     def sampling_fields(self) -> dict[str, Any]:
         """The decoding fields every request carries (besides max_tokens)."""
@@ -336,11 +387,12 @@ class OpenAIBackend(MLLMBackend):
                                    srv.url, error)
             self._lock.notify_all()
 
-    def _post(self, srv: _Server, body: dict) -> tuple[str, bool]:
+    def _post(self, srv: _Server, body: dict) -> tuple[str, bool, Any]:
         try:
             out = self._http("POST", "/chat/completions", body, self.timeout, url=srv.url)
             choice = out["choices"][0]
-            return (choice["message"].get("content") or "").strip(), choice.get("finish_reason") == "length"
+            return ((choice["message"].get("content") or "").strip(), choice.get("finish_reason") == "length",
+                    choice.get("logprobs"))
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode("utf-8", "replace")[:300]
             if exc.code == 400 and self.greedy_extras and ("repetition_penalty" in detail or "top_k" in detail):
@@ -352,16 +404,22 @@ class OpenAIBackend(MLLMBackend):
             raise _Retry(f"HTTP {exc.code}: {detail}") from None
         except (urllib.error.URLError, OSError, TimeoutError) as exc:  # refused, reset, timed out
             raise _Retry(str(getattr(exc, "reason", exc)) or type(exc).__name__) from None
+        except http.client.HTTPException as exc:
+            # the server died between the status line and the end of the body (IncompleteRead: seen
+            # when a real vLLM server is SIGKILLed mid-reply), or sent no valid status line
+            raise _Retry(f"{type(exc).__name__}: {exc!r}"[:300]) from None
         except (KeyError, IndexError, json.JSONDecodeError) as exc:
             raise BackendError(f"openai backend: malformed reply from {srv.url}: {exc!r}") from None
 
-    def _one(self, req: MLLMRequest) -> tuple[str, bool]:
+    def _one(self, req: MLLMRequest, score: bool = False) -> tuple[str, bool, Any]:
         content: list[dict] = []
         if req.image is not None:
             content.append({"type": "image_url", "image_url": {"url": image_data_url(req.image)}})
         content.append({"type": "text", "text": req.prompt})
         body = {"model": self.model, "messages": [{"role": "user", "content": content}],
                 **self.sampling_fields(), "max_tokens": max_new_tokens_for(req.task, self.max_new_tokens)}
+        if score:  # the first token's alternatives, for p_yes; the answer itself is unchanged
+            body.update({"logprobs": True, "top_logprobs": TOP_LOGPROBS})
         last, failed, backoffs = "", None, 0
         for attempt in range(self.max_retries + 1):
             srv = self._acquire(avoid=failed)
@@ -397,7 +455,39 @@ class OpenAIBackend(MLLMBackend):
                     "concurrency_per_server": self.concurrency}
 
     def generate(self, requests: Sequence[MLLMRequest]) -> list[str]:
+        return [a for a, _ in self._answer_all(list(requests), score=False)]
+
+    def localize(self, requests: Sequence[MLLMRequest]) -> list[LocAnswer]:
+        """T_loc answers with p_yes from the first token's ``top_logprobs`` (module docstring);
+        p_yes None where the server gave none that can be read."""
         requests = list(requests)
+        _check_loc(requests)
+        out = []
+        for text, logprobs in self._answer_all(requests, score=True):
+            p, how = p_yes_from_top_logprobs(logprobs)
+            with self._lock:
+                self.loc_scores[how] += 1
+                warn = p is None and not self._warned_unscored
+                if warn:
+                    self._warned_unscored = True
+                if how == "no logprobs":
+                    self.scores_loc = False
+            if warn:
+                logger.warning(
+                    "openai backend: %s for a T_loc reply (%s, model %s): such answers keep their text with no "
+                    "p_yes (counted in loc_score_stats(); this warning is shown once)",
+                    "the server sent no logprobs" if how == "no logprobs"
+                    else f"none of the first token's top {TOP_LOGPROBS} logprobs is a Yes/No token", self.base_url,
+                    self.model)
+            out.append(LocAnswer(text, p))
+        return out
+
+    def loc_score_stats(self) -> dict[str, int]:
+        """How many localize() replies were scored, had no logprobs, or had no Yes/No token."""
+        with self._lock:
+            return dict(self.loc_scores)
+
+    def _answer_all(self, requests: list[MLLMRequest], score: bool) -> list[tuple[str, Any]]:
         if not requests:
             return []
         if not self._checked:
@@ -409,11 +499,12 @@ class OpenAIBackend(MLLMBackend):
         for r in requests:
             if r.image is not None:
                 self.visual_tokens.append(self._expected_tokens(r.image))
-        results = list(self._pool.map(self._one, requests))  # map keeps the order; the first error propagates
-        cut = Counter(r.task for r, (_, capped) in zip(requests, results) if capped)
+        # map keeps the order; the first error propagates
+        results = list(self._pool.map(lambda r: self._one(r, score), requests))
+        cut = Counter(r.task for r, (_, capped, _) in zip(requests, results) if capped)
         self.capped.update(cut)
         warn_truncated(self.kind, sum(cut.values()), len(requests), dict(cut))
-        return [a for a, _ in results]
+        return [(a, lp) for a, _, lp in results]
 
     def _expected_tokens(self, path: str) -> int:
         from PIL import Image

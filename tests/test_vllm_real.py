@@ -5,6 +5,8 @@ tests/vllm_real_main_side.py runs once in the project's .venv (transformers 5.24
 Qwen2-VL and its adapters, train a 3-step LoRA on the shipped SynthPEDES-VL with mllm_tune.sft on
 pairs mined by the shipped retriever, and answer the same requests with the hf backend. The
 comparisons are exact: greedy decoding, float32, the same pixel budget (6,272 px = 8 tokens).
+T_loc scores (p_yes) are compared to 1e-3 (float noise of two stacks); the failover test at the end
+runs two real servers at once and kills one in the middle of a THI run.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def _agreement(a: list[str], b: list[str]) -> str:
     return f"{sum(x == y for x, y in zip(a, b))}/{len(a)} equal"
 
 
-def _compare_with_hf(side, name: str, model: str, adapter: str) -> None:
+def _compare_with_hf(side, name: str, model: str, adapter: str, keep: bool = False):
     import transformers
 
     be = _vllm(side, model, adapter)
@@ -89,6 +91,8 @@ def _compare_with_hf(side, name: str, model: str, adapter: str) -> None:
     assert answers == hf["answers"], _agreement(answers, hf["answers"])
     assert sorted(be.visual_tokens) == sorted(hf["visual_tokens"]) and set(be.visual_tokens) == {8}
     assert be.identity()["decoding"] == hf["identity_decoding"]  # the same greedy settings, recorded alike
+    if keep:
+        return answers, be
     _release(be)
     return answers
 
@@ -101,9 +105,63 @@ def test_tiny_qwen2_vl_vllm_answers_equal_hf_with_and_without_adapter(side):
     assert any(answers[i] != base[i] for i in loc), "the adapter changed no T_loc answer: was it applied?"
 
 
-def test_synthpedes_vl_with_sft_lora_vllm_answers_equal_hf(side):
-    answers = _compare_with_hf(side, "demo", side["demo"], side["demo_lora"])
+# hf.localize on the project's stack (.venv): [[text, p_yes], ...] for the requests, or null when the
+# hf backend has no localize of its own yet
+_HF_LOCALIZE = r"""
+import json, sys
+from mllm_tune.core.backends import MLLMBackend, MLLMRequest, make_backend
+a = json.loads(open(sys.argv[1]).read())
+be = make_backend("hf", model=a["model"], adapter=a["adapter"], adapter_tasks=("loc",), dtype="float32",
+                  min_pixels=a["pixels"], max_pixels=a["pixels"], max_new_tokens=a["max_new_tokens"], batch_size=8)
+if getattr(type(be), "localize", MLLMBackend.localize) is MLLMBackend.localize:
+    out = None
+else:
+    out = [[x.text, x.p_yes] for x in be.localize([MLLMRequest(**r) for r in a["requests"]])]
+open(sys.argv[2], "w").write(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="session")
+def hf_loc(side) -> dict:
+    """The demo model + SFT LoRA's T_loc answers with p_yes from the hf backend (None: no hf.localize)."""
+    work = Path(side["work"])
+    loc = [r for r in side["requests"] if r["task"] == "loc"]
+    args, out = work / "hf_loc_args.json", work / "hf_loc.json"
+    args.write_text(json.dumps({"model": side["demo"], "adapter": side["demo_lora"], "pixels": side["pixels"],
+                                "max_new_tokens": side["max_new_tokens"], "requests": loc}))
+    proc = subprocess.run([MAIN_PY, "-c", _HF_LOCALIZE, str(args), str(out)], cwd=ROOT, env=_main_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"requests": loc, "answers": json.loads(out.read_text())}
+
+
+def test_synthpedes_vl_with_sft_lora_vllm_answers_equal_hf(side, hf_loc):
+    """... and T_loc with p_yes (issue 13): the text generate() gives, P(Yes) from the logprobs of the
+    Yes/No ids at the first generated token, equal to the hf backend's softmax over the same ids."""
+    from mllm_tune.core.prompts import is_yes
+
+    answers, be = _compare_with_hf(side, "demo", side["demo"], side["demo_lora"], keep=True)
     assert {answers[i] for i, r in enumerate(side["requests"]) if r["task"] == "loc"} <= {"Yes", "No"}
+    reqs = [r for r in _requests(side) if r.task == "loc"]
+    scored = be.localize(reqs)
+    assert [a.text for a in scored] == [answers[i] for i, r in enumerate(side["requests"]) if r["task"] == "loc"]
+    assert all(a.p_yes is not None and 0.0 <= a.p_yes <= 1.0 for a in scored)
+    ids = be.yes_no()
+    firsts = [first for _, (_, first) in be._run(reqs, ids.all)]
+    decided = [i for i, f in enumerate(firsts) if f in ids.all]
+    assert decided, "no T_loc answer starts with a Yes/No token"
+    assert all((scored[i].p_yes > 0.5) == is_yes(scored[i].text) for i in decided)
+    p = [a.p_yes for a in scored]
+    print(f"vllm p_yes over {ids.as_dict()}: {[round(x, 4) for x in p]} ({len(decided)}/{len(reqs)} first tokens Yes/No)")
+    if hf_loc["answers"] is None:
+        print("hf backend has no localize: p_yes not compared with hf")
+    else:
+        hf_p = [x[1] for x in hf_loc["answers"]]
+        diff = max(abs(a - b) for a, b in zip(p, hf_p))
+        print(f"p_yes vllm vs hf: max |diff| {diff:.2e}")
+        assert p == pytest.approx(hf_p, abs=1e-3)
+        assert [a.text for a in scored] == [x[0] for x in hf_loc["answers"]]
+    _release(be)
 
 
 def test_impossible_engine_setting_is_a_backend_error_with_the_cause(side):
@@ -156,12 +214,12 @@ def _posts(log: Path) -> int:
     return sum("POST /v1/chat/completions" in line for line in log.read_text(errors="replace").splitlines())
 
 
-@pytest.fixture(scope="session")
-def server(side):
+def _launch_server(side, log_name: str) -> dict:
     """`python -m vllm.entrypoints.openai.api_server` with the demo model and its LoRA as 'anchor'
-    (the command docs/serving.md gives), on a free port; stopped by its process group at the end."""
+    (the command docs/serving.md gives), on a free port, in its own process group; returns once it
+    lists its models, with the seconds that took."""
     port = _free_port()
-    log = Path(side["work"]) / "server.log"
+    log = Path(side["work"]) / log_name
     budget = json.dumps({"min_pixels": side["pixels"], "max_pixels": side["pixels"]})
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", side["demo"],
            "--served-model-name", "synthpedes-vl", "--dtype", "float32", "--max-model-len", "1024",
@@ -169,11 +227,13 @@ def server(side):
            "--mm-processor-kwargs", budget, "--generation-config", "vllm", "--host", "127.0.0.1", "--port", str(port)]
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # a server runs its core apart
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env["PYTHONUNBUFFERED"] = "1"  # its access log is read while it runs
+    t0 = time.monotonic()
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}/v1"
+    srv = {"url": url, "log": log, "port": port, "proc": proc}
     try:
-        deadline = time.monotonic() + SERVER_START_S
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"the vLLM server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
@@ -183,20 +243,59 @@ def server(side):
                         break
             except OSError:
                 pass
-            if time.monotonic() > deadline:
+            if time.monotonic() > t0 + SERVER_START_S:
                 pytest.fail(f"the vLLM server was not ready in {SERVER_START_S} s:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
-        yield {"url": url, "log": log, "port": port}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # its process group: the API process and its engine core
+            time.sleep(0.5)
+    except BaseException:
+        _stop_server(srv)
+        raise
+    srv["start_seconds"] = round(time.monotonic() - t0, 1)
+    return srv
+
+
+def _stop_server(srv: dict, sig: int = signal.SIGTERM) -> None:
+    proc = srv["proc"]
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)  # its process group: the API process and its engine core
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def _group_rss_mb(pgid: int) -> float:
+    """Resident memory of every process in a process group (the API server and its engine core)."""
+    total = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+            if os.getpgid(int(d.name)) != pgid:
+                continue
+            for line in (d / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except (OSError, ProcessLookupError, ValueError):
+            continue
+    return round(total / 1024, 1)
 
 
-def test_openai_backend_against_the_server_equals_hf(side, server):
+@pytest.fixture(scope="session")
+def server(side):
+    """The demo model's server (see :func:`_launch_server`); stopped by its process group at the end."""
+    srv = _launch_server(side, "server.log")
+    print(f"vLLM server ready in {srv['start_seconds']} s")
+    try:
+        yield srv
+    finally:
+        _stop_server(srv)
+
+
+def test_openai_backend_against_the_server_equals_hf(side, server, hf_loc):
     from mllm_tune.core.backends import make_backend
 
     reqs = _requests(side)
@@ -210,10 +309,34 @@ def test_openai_backend_against_the_server_equals_hf(side, server):
                 out[i] = a
     print(f"openai vs hf: {_agreement(out, side['hf']['demo']['answers'])}")
     assert out == side["hf"]["demo"]["answers"]
+    # T_loc with p_yes from the first token's top_logprobs (the server's token texts are "Yes"/"No")
+    loc = [r for r in reqs if r.task == "loc"]
+    with make_backend("openai", model="anchor", base_url=server["url"], max_new_tokens=side["max_new_tokens"],
+                      concurrency=2) as be:
+        scored = be.localize(loc)
+        stats = be.loc_score_stats()
+    assert [a.text for a in scored] == [out[i] for i, r in enumerate(reqs) if r.task == "loc"]
+    assert stats == {"scored": len(loc)} and all(0.0 <= a.p_yes <= 1.0 for a in scored)
+    if hf_loc["answers"] is not None:
+        hf_p = [x[1] for x in hf_loc["answers"]]
+        print(f"p_yes openai (top_logprobs) vs hf: max |diff| {max(abs(a.p_yes - b) for a, b in zip(scored, hf_p)):.2e}")
+        assert [a.p_yes for a in scored] == pytest.approx(hf_p, abs=1e-3)
 
 
 def _decisions(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "decisions.jsonl").read_text().splitlines()]
+
+
+def _assert_same_decisions(a: list[dict], b: list[dict]) -> None:
+    """Equal decisions; p_yes (recorded when the backend scores T_loc) to 1e-4, since two stacks or
+    two batch compositions differ in the last float bits."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        px, py = x.pop("p_yes", {}), y.pop("p_yes", {})
+        assert x == y
+        assert px.keys() == py.keys()
+        for k in px:
+            assert (px[k] is None) == (py[k] is None) and (px[k] is None or abs(px[k] - py[k]) < 1e-4), (k, px[k], py[k])
 
 
 def _cache_rows(folder: Path) -> int:
@@ -261,5 +384,95 @@ def test_icl_end2end_against_the_server_killed_and_resumed(side, server):
     # nothing stored is asked again: the second run asks exactly what the cache gained
     assert asked == sum(res["backend_calls"].values()) == _cache_rows(out) - stored
     ref_res = json.loads((ref / "results.json").read_text())
-    assert _decisions(out) == _decisions(ref)
+    _assert_same_decisions(_decisions(out), _decisions(ref))
     assert res["rounds"] == ref_res["rounds"] and res["calls"] == ref_res["calls"]
+
+
+def _answered(log: Path) -> int:
+    """Completions a vLLM server sent back (its access log's 200 lines)."""
+    return sum('"POST /v1/chat/completions HTTP/1.1" 200' in line
+               for line in log.read_text(errors="replace").splitlines())
+
+
+def _mem_available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def test_two_real_servers_one_killed_mid_run(side, server):
+    """Issue 18: a THI run over two real vLLM servers (--base-url twice); the second is SIGKILLed (API
+    process and engine core) after answering a third of its share. The run finishes with the
+    undisturbed two-server run's metrics and decisions, and every answer was given by exactly one
+    server: what the killed server delivered is not asked again, what it had in flight is asked once
+    on the other."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from vllm_real_main_side import icl_args
+
+    work = Path(side["work"])
+    a = server
+    mem_one = _mem_available_mb()
+    b = _launch_server(side, "server_b.log")  # the second server starts while the first is up
+    try:
+        mem_two = _mem_available_mb()
+        rss = {"a": _group_rss_mb(a["proc"].pid), "b": _group_rss_mb(b["proc"].pid)}
+        common = ["--mllm", "openai", "--model", "anchor", "--base-url", a["url"], "--base-url", b["url"],
+                  "--concurrency", "1", "--batch-size", "4"]
+
+        def cmd(name: str) -> list[str]:
+            return [MAIN_PY, "-m", "eval.icl_end2end",
+                    *icl_args(Path(side["synth_root"]), Path(side["clip"]), work / name), *common]
+
+        before = {"a": _answered(a["log"]), "b": _answered(b["log"])}
+        t0 = time.monotonic()
+        ref_run = subprocess.run(cmd("failover_ref"), cwd=ROOT, env=_main_env(), capture_output=True, text=True,
+                                 timeout=600)
+        t_ref = time.monotonic() - t0
+        assert ref_run.returncode == 0, ref_run.stderr[-3000:]
+        ref = json.loads((work / "failover_ref" / "results.json").read_text())
+        total = sum(ref["backend_calls"].values())
+        undisturbed = [s["requests"] for s in ref["servers"]["servers"]]
+        assert undisturbed == [_answered(a["log"]) - before["a"], _answered(b["log"]) - before["b"]]
+        assert sum(undisturbed) == total and min(undisturbed) > 0 and ref["servers"]["retries"] == 0
+
+        before = {"a": _answered(a["log"]), "b": _answered(b["log"])}
+        kill_after = max(2, undisturbed[1] // 3)
+        t0 = time.monotonic()
+        run = subprocess.Popen(cmd("failover_killed"), cwd=ROOT, env=_main_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+        while (_answered(b["log"]) - before["b"] < kill_after and run.poll() is None
+               and time.monotonic() < t0 + 300):
+            time.sleep(0.02)
+        assert run.poll() is None, f"the run ended before the kill: {run.stderr.read()[-2000:]}"
+        killed_at = time.monotonic() - t0
+        _stop_server(b, signal.SIGKILL)  # no clean shutdown: requests in flight get no reply
+        _, err = run.communicate(timeout=600)
+        t_kill = time.monotonic() - t0
+        assert run.returncode == 0, err[-3000:]
+    finally:
+        _stop_server(b, signal.SIGKILL)
+    res = json.loads((work / "failover_killed" / "results.json").read_text())
+    for key in ("base", "rounds", "calls", "refined", "lambda_sweep", "backend_calls"):
+        assert res[key] == ref[key], key
+    _assert_same_decisions(_decisions(work / "failover_killed"), _decisions(work / "failover_ref"))
+    sa, sb = res["servers"]["servers"]
+    by_log = {"a": _answered(a["log"]) - before["a"], "b": _answered(b["log"]) - before["b"]}
+    # every answer the run received came from exactly one server: none asked twice
+    assert sa["requests"] + sb["requests"] == total and sa["requests"] == by_log["a"]
+    # the killed server's log can count one reply more than the run received: uvicorn logs the 200 when
+    # the headers go out, and the kill can cut the body (IncompleteRead); that request, never answered
+    # to the run, was asked once more on the other server, like the ones in flight
+    cut = by_log["b"] - sb["requests"]
+    assert 0 <= cut <= sb["errors"] and by_log["b"] >= kill_after
+    assert sb["healthy"] is False and sb["taken_out"] >= 1 and sb["errors"] >= 1 and sa["errors"] == 0
+    assert res["servers"]["retries"] == sa["errors"] + sb["errors"]
+    report = {"requests_total": total, "undisturbed": undisturbed,
+              "killed_run": {"a": sa["requests"], "b": sb["requests"], "b_errors": sb["errors"],
+                             "retries": res["servers"]["retries"], "b_lost_seconds": sb["lost_seconds"],
+                             "b_killed_after_answers": sb["requests"], "b_replies_cut_by_the_kill": cut,
+                             "b_last_error": sb.get("last_error", ""), "killed_at_s": round(killed_at, 1)},
+              "wall_s": {"undisturbed": round(t_ref, 1), "killed": round(t_kill, 1)},
+              "second_server_start_s": b["start_seconds"], "rss_mb": rss,
+              "mem_available_mb": {"one_server": mem_one, "two_servers": mem_two}}
+    print("REAL FAILOVER " + json.dumps(report))

@@ -260,9 +260,14 @@ def check_positives(qpids: Sequence[int], gpids: Sequence[int], where: str) -> N
 def _dist_state():
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    from datetime import timedelta
+
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    # the processes meet at a barrier after their shares of THI, which can finish hours apart on
+    # a large split; the collective's default 10-minute timeout would abort the early ones
+    hours = float(os.environ.get("MLLM_TUNE_BARRIER_HOURS", "48"))
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=hours))
 
 
 def _rounded(m: dict[str, float]) -> dict[str, float]:

@@ -366,18 +366,24 @@ def run_thi(
     need_scores = cfg.needs_scores
     chosen: dict[int, int] = {}  # max-p anchor rule: query -> round of its anchor
     if cfg.anchor == "max-p":
-        # option (a): every candidate a round could accept is asked first, the anchor is the one
-        # with the highest p_yes among those answered Yes (ties: the earlier round)
+        # option (a): every candidate the released loop could ask is asked first (as if no earlier
+        # round said Yes); the candidate with the highest p_yes among those answered Yes is the
+        # anchor if its round's gate accepts it (ties: the earlier round). The top-1 winning at a
+        # round that cannot accept (round 0 at or below ξ) leaves the ranking alone, as a round-0
+        # Yes does in the released loop.
         t0 = time.perf_counter()
         for r in range(K):
-            ask = [d for d in decisions if any(_can_accept(cfg.gate, r, cand_sims[d.query], x) for x, _ in settings)]
+            ask = [d for d in decisions if any(loc_matters(cfg.gate, r, False, cand_sims[d.query], x, K) for x, _ in settings)]
             _localize_into(backend, ask, r, loc_prompts, gallery_paths, cfg.batch_size, progress, need_scores)
             calls["loc"] += len(ask)
         secs["loc"] += time.perf_counter() - t0
         for d in decisions:
-            ok = [r for r in d.loc if _can_accept(cfg.gate, r, cand_sims[d.query], cfg.xi) and d.says_yes(r, cfg.tau)]
-            if ok:
-                chosen[d.query] = max(ok, key=lambda r: (_score_or_text(d, r), -r))
+            yes = [r for r in d.loc if d.says_yes(r, cfg.tau)
+                   and loc_matters(cfg.gate, r, False, cand_sims[d.query], cfg.xi, K)]
+            if yes:
+                best = max(yes, key=lambda r: (_score_or_text(d, r), -r))
+                if _can_accept(cfg.gate, best, cand_sims[d.query], cfg.xi):
+                    chosen[d.query] = best
 
     for r in tqdm(range(K), desc="THI rounds", unit="round", disable=not progress):
         # -- anchor localization ------------------------------------------------------------

@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..hub import ModelResolveError, ResolvedModel, resolve_model
-from ..yes_no import YesNoIds, p_yes_from_logits, yes_no_ids
+from ..yes_no import YesNoIds, p_yes_from_logits, yes_no_ids, yes_no_text
 from .base import (
     BackendError,
     LocAnswer,
@@ -334,11 +334,13 @@ class HFBackend(MLLMBackend):
         - ``"generate"`` (default): the greedy text exactly as :meth:`generate` gives it (so the
           released rule, 'yes' anywhere in the answer, decides as before) and p_yes from the
           first generated step's logits: no extra pass.
-        - ``"forward"``: one forward pass per batch, no ``generate``: the next-token logits at the
-          end of each (left-padded) prompt give p_yes and the greedy first token; when that token
-          is a Yes/No variant the text is "Yes"/"No", otherwise the request is generated. Same
-          decision as greedy text whenever the answer is a plain Yes or No (a tuned model's); an
-          untuned model that rambles ("No glasses. Yes, ...") can differ under the released rule.
+        - ``"forward"``: one forward pass per batch, never ``generate``: the next-token logits at
+          the end of each (left-padded) prompt give p_yes, and the answer is constrained to Yes/No:
+          "Yes" when p_yes > 0.5, else "No" (the greedy first token whenever that is a Yes/No
+          token; the answers whose first token is not are counted in ``loc_first_not_yes_no``).
+          Same decision as the greedy text whenever the answer is a plain Yes or No (a tuned
+          model's); an untuned model that rambles ("No glasses. Yes, ...") can differ under the
+          released rule, which reads 'yes' anywhere in the text.
         """
         from .base import _check_loc
 
@@ -368,15 +370,12 @@ class HFBackend(MLLMBackend):
                 logits = self._next_token_logits(reqs, use_adapter)
             p = p_yes_from_logits(logits, ids).tolist()
             top = logits.argmax(dim=-1).tolist()
-            other = [j for j, t in enumerate(top) if t not in yes_set and t not in no_set]
-            self.loc_first_not_yes_no += len(other)
-            if other and self.loc_answer == "forward":
-                texts = dict(zip(other, self._generate_batch([reqs[j] for j in other], use_adapter, cap)))
+            self.loc_first_not_yes_no += sum(t not in yes_set and t not in no_set for t in top)
             for j, i in enumerate(idx):
-                if self.loc_answer == "forward" and j not in texts:
+                pj = min(1.0, max(0.0, float(p[j])))
+                if self.loc_answer == "forward":
                     self.answered["loc"] += 1
-                text = texts.get(j, "Yes" if top[j] in yes_set else "No")
-                out[i] = LocAnswer(text, min(1.0, max(0.0, float(p[j]))))
+                out[i] = LocAnswer(texts.get(j, yes_no_text(pj)), pj)
         warn_truncated(self.kind, self.capped["loc"] - capped_before, len(requests), {"loc": self.capped["loc"] - capped_before})
         return out  # type: ignore[return-value]
 

@@ -128,8 +128,17 @@ class OracleBackend(MLLMBackend):
 
     # -- lookups ---------------------------------------------------------------------------
     def _rng(self, req: MLLMRequest, salt: str = "") -> random.Random:
-        h = hashlib.sha256(f"{self.seed}|{req.task}|{req.prompt}|{req.image}|{salt}".encode()).digest()
+        # the image by its path inside the dataset, so a dataset generated elsewhere (same seed)
+        # gets the same simulated errors
+        img = "-" if req.image is None else self._relative(req.image)
+        h = hashlib.sha256(f"{self.seed}|{req.task}|{req.prompt}|{img}|{salt}".encode()).digest()
         return random.Random(int.from_bytes(h[:8], "big"))
+
+    def _relative(self, image: str) -> str:
+        try:
+            return Path(image).resolve().relative_to(self._img_dir).as_posix()
+        except ValueError:
+            return str(image)
 
     def image_id(self, image: str | None) -> int:
         if image is None:

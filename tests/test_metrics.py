@@ -149,8 +149,9 @@ def _assert_ranks_equal(sim, qp, gp, chunk_size=None):
     assert got == _stable_ranks(sim, qp, gp)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", ["wide", "narrow", "one_positive", "huge", "denormal", "constant", "clustered"])
-def test_binned_counting_is_exact_on_awkward_scores(case):
+def test_binned_counting_is_exact_on_awkward_scores(case, dtype):
     """The value bins only set speed: ranks equal a stable sort's for scores the bins resolve badly."""
     gen = torch.Generator().manual_seed(7)
     q, g, ids = 23, 1001, 9  # G not a multiple of 8: the word-wise hit search pads
@@ -174,6 +175,7 @@ def test_binned_counting_is_exact_on_awkward_scores(case):
         sim = torch.full((q, g), 0.25)
     elif case == "clustered":  # many scores share the positives' exact values
         sim = torch.randint(0, 40, (q, g), generator=gen).float() / 40
+    sim = sim.to(dtype)  # float32 gets integer sort keys from its bits, float64 from ranks
     for chunk in (None, 5):
         _assert_ranks_equal(sim, qp, gp, chunk)
     ref = plain_reference(sim.numpy(), qp.numpy(), gp.numpy())
@@ -184,3 +186,43 @@ def test_large_chunk_request_is_capped_and_exact():
     sim, qp, gp = random_case(300, 16, 4, seed=5)
     ref = plain_reference(sim, qp, gp)
     assert_close(rank_metrics(sim, qp, gp, chunk_size=10**6), ref)
+
+
+def test_ties_everywhere_in_float64():
+    sim, qp, gp = random_case(90, 70, 8, seed=6, ties=True)
+    sim = sim.astype(np.float64)
+    ref = plain_reference(sim, qp, gp)
+    for chunk in (1, 11, None):
+        assert_close(rank_metrics(sim, qp, gp, chunk_size=chunk), ref)
+    _assert_ranks_equal(sim, qp, gp, 11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_signed_zeros_are_equal_scores(dtype):
+    # -0.0 == 0.0: a tie, so the lower gallery index comes first whatever the sign
+    sim = torch.tensor([[0.0, -0.0, -1.0], [-0.0, 0.0, -1.0]], dtype=dtype)
+    ranks, valid = positive_ranks(sim, [0, 0], [1, 0, 2])
+    assert ranks[valid].tolist() == [1, 1]
+    ranks, valid = positive_ranks(sim, [0, 0], [0, 1, 2])
+    assert ranks[valid].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threads_give_the_same_ranks_and_restore_the_setting(threads):
+    before = torch.get_num_threads()
+    sim, qp, gp = random_case(130, 90, 12, seed=8)
+    ref = plain_reference(sim, qp, gp)
+    try:
+        torch.set_num_threads(threads)
+        for chunk in (3, 7, None):
+            assert_close(rank_metrics(sim, qp, gp, chunk_size=chunk), ref)
+            assert torch.get_num_threads() == threads
+        _assert_ranks_equal(sim, qp, gp, 4)
+        # an error in any block (here the last row, taken by whichever thread) reaches the caller
+        bad = sim.copy()
+        bad[-1, 3] = np.inf
+        with pytest.raises(ValueError, match="row 129 holds NaN or inf"):
+            rank_metrics(bad, qp, gp, chunk_size=5)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)

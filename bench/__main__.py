@@ -1,8 +1,8 @@
 """``python -m bench [--smoke] [--only NAME ...]``: run the benchmarks, write bench/RESULTS.md.
 
 Every ``bench/bench_<name>.py`` is discovered and its ``run(smoke)`` called. Full runs store each
-section in ``bench/results.json`` (so ``--only`` refreshes one section and keeps the others) and
-render ``bench/RESULTS.md`` from it, with the machine and the command of each section. ``--smoke``
+section in ``bench/results.json`` and replace only the sections they ran in ``bench/RESULTS.md``
+(every other section, including hand-written ones, stays as it is), with the machine and the command of each section. ``--smoke``
 runs every entry on tiny sizes to check it starts, and writes nothing in the repository.
 """
 
@@ -40,28 +40,53 @@ def run_one(name: str, smoke: bool) -> dict:
     return res
 
 
-def render(sections: dict[str, dict]) -> str:
-    lines = [
-        "# Benchmarks",
+HEADER = [
+    "# Benchmarks",
+    "",
+    "Written by `python -m bench` (see bench/__main__.py). Comparisons inside a section are",
+    "measured side by side in one run on the machine named in it; ratios are the figures to",
+    "read, absolute times depend on the machine and its load.",
+    "",
+]
+
+
+def render_section(sec: dict) -> list[str]:
+    m = sec.get("machine", {})
+    return [
+        f"## {sec['title']}",
         "",
-        "Written by `python -m bench` (see bench/__main__.py). Comparisons inside a section are",
-        "measured side by side in one run on the machine named in it; ratios are the figures to",
-        "read, absolute times depend on the machine and its load.",
+        f"*`{sec.get('command', '')}` at {sec.get('date', '?')}, commit {m.get('git_commit', '?')}; "
+        f"{m.get('cpu', '?')}, {m.get('cpu_count', '?')} CPUs, {m.get('memory_gb', '?')} GB, "
+        f"torch {m.get('torch', '?')}, load {m.get('load_average', '?')}; took {sec.get('seconds')} s*",
+        "",
+        sec["markdown"].strip(),
         "",
     ]
-    for name, sec in sorted(sections.items()):
-        m = sec.get("machine", {})
-        lines += [
-            f"## {sec['title']}",
-            "",
-            f"*`{sec.get('command', '')}` at {sec.get('date', '?')}, commit {m.get('git_commit', '?')}; "
-            f"{m.get('cpu', '?')}, {m.get('cpu_count', '?')} CPUs, {m.get('memory_gb', '?')} GB, "
-            f"torch {m.get('torch', '?')}, load {m.get('load_average', '?')}; took {sec.get('seconds')} s*",
-            "",
-            sec["markdown"].strip(),
-            "",
-        ]
+
+
+def render(sections: dict[str, dict]) -> str:
+    lines = list(HEADER)
+    for _, sec in sorted(sections.items()):
+        lines += render_section(sec)
     return "\n".join(lines)
+
+
+def splice(existing: str, fresh: dict[str, dict], old_titles: dict[str, str]) -> str:
+    """``existing`` (a RESULTS.md) with the sections of ``fresh`` replaced in place (matched by
+    their title, or the title the same benchmark had before) and new ones appended. Everything
+    else, including sections written by hand or by other scripts, is kept as it is."""
+    lines = existing.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("## ")] + [len(lines)]
+    head, blocks = lines[: starts[0]], [lines[a:b] for a, b in zip(starts, starts[1:])]
+    for name, sec in sorted(fresh.items()):
+        titles = {sec["title"], old_titles.get(name)}
+        new = render_section(sec)
+        at = next((i for i, b in enumerate(blocks) if b[0][3:].strip() in titles), None)
+        if at is None:
+            blocks.append(new)
+        else:
+            blocks[at] = new
+    return "\n".join(head + [line for b in blocks for line in b]).rstrip("\n") + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -99,9 +124,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             except json.JSONDecodeError:
                 logger.warning("%s is not valid JSON; starting it afresh", args.results)
         stored = {k: v for k, v in stored.items() if k in known}
+        old_titles = {k: v.get("title", "") for k, v in stored.items()}
         stored.update(sections)
         args.results.write_text(json.dumps(stored, indent=1, default=str) + "\n")
-        args.markdown.write_text(render(stored))
+        # only the sections run now change in RESULTS.md: hand-written ones and others' stay verbatim
+        md = splice(args.markdown.read_text(), sections, old_titles) if args.markdown.is_file() else render(stored)
+        args.markdown.write_text(md)
         logger.info("wrote %s and %s", args.markdown, args.results)
     failed = [n for n, s in sections.items() if not s["ok"]]
     if failed:

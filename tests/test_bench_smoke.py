@@ -38,13 +38,12 @@ def test_runner_writes_sections_and_merges_only(tmp_path, monkeypatch):
     text = md.read_text()
     assert "## T-alpha" in text and "## T-beta" in text and "python -m bench" in text
     assert "CPUs" in text and "torch" in text  # machine info
-    stored = json.loads(res_json.read_text())
-    stored["beta"]["markdown"] = "| old beta |"
-    res_json.write_text(json.dumps(stored))
+    md.write_text(text.replace("| beta False |", "| beta edited by hand |") + "\n## Written elsewhere\n\nkept\n")
     runner.main(["--only", "alpha", *paths])
-    text = md.read_text()
-    assert "| old beta |" in text  # --only keeps the other sections
-    assert "python -m bench --only alpha" in text
+    again = md.read_text()
+    assert "| beta edited by hand |" in again and "## Written elsewhere\n\nkept" in again  # kept verbatim
+    assert again.count("## T-alpha") == 1 and "python -m bench --only alpha" in again  # replaced in place
+    assert again.index("## T-alpha") < again.index("## T-beta") < again.index("## Written elsewhere")
 
 
 def test_runner_smoke_writes_nothing(tmp_path, monkeypatch):

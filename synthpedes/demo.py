@@ -31,12 +31,12 @@ def _stage(n: int, total: int, title: str) -> float:
     return time.perf_counter()
 
 
-def _yesno_history(sft_out: Path) -> tuple[float | None, float | None]:
-    """Held-out Yes/No accuracy at the first and the last evaluation of the SFT run."""
+def _yesno_history(sft_out: Path, key: str = "eval_yesno_accuracy") -> tuple[float | None, float | None]:
+    """A held-out Yes/No metric at the first and the last evaluation of the SFT run."""
     record = json.loads((sft_out / "sft_metrics.json").read_text())
-    accs = [h["eval_yesno_accuracy"] for h in record["log_history"] if "eval_yesno_accuracy" in h]
-    final = record["metrics"].get("eval_yesno_accuracy")
-    return (accs[0] if accs else None), (final if final is not None else (accs[-1] if accs else None))
+    vals = [h[key] for h in record["log_history"] if key in h]
+    final = record["metrics"].get(key)
+    return (vals[0] if vals else None), (final if final is not None else (vals[-1] if vals else None))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -81,6 +81,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     before, after = _yesno_history(lora)
     summary["anchor_localization_accuracy"] = {"shipped_model": before, "lora_tuned": after,
                                                "held_out": "identities of the training split held out by the miner"}
+    # p_yes as a ranking score: a LoRA can order pairs better before its argmax accuracy moves
+    auc0, auc1 = _yesno_history(lora, "eval_yesno_auc")
+    summary["anchor_localization_auc"] = {"shipped_model": auc0, "lora_tuned": auc1,
+                                          "score": "p_yes at the first answer token (ROC-AUC)"}
     summary["seconds"]["sft"] = round(time.perf_counter() - t, 1)
 
     t = _stage(4, total, "ICL end to end: retrieval + THI with the LoRA-tuned model (hf backend)")
@@ -106,12 +110,15 @@ def _fmt(x: float | None) -> str:
 
 def format_summary(s: dict[str, Any]) -> str:
     acc = s["anchor_localization_accuracy"]
+    auc = s.get("anchor_localization_auc", {})
     base, last = s["thi"]["base"], s["thi"]["rounds"][-1]
     lines = [
         "",
         "=== demo summary ===",
         f"held-out anchor-localization (Yes/No) accuracy: shipped SynthPEDES-VL {_fmt(acc['shipped_model'])}"
-        f" -> LoRA-tuned {_fmt(acc['lora_tuned'])}",
+        f" -> LoRA-tuned {_fmt(acc['lora_tuned'])}"
+        + (f"; ROC-AUC of p_yes {auc['shipped_model']:.3f} -> {auc['lora_tuned']:.3f}"
+           if auc.get("shipped_model") is not None and auc.get("lora_tuned") is not None else ""),
         f"retrieval on the SynthPEDES test split: R1 {base['R1']:.2f} -> {last['R1']:.2f} (THI, {len(s['thi']['rounds'])} rounds),"
         f" mAP {base['mAP']:.2f} -> {last['mAP']:.2f} (ξ {s['thi'].get('xi', 'n/a')})",
         f"wall time: {s['seconds']['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in s['seconds'].items() if k != 'total')})",

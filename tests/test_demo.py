@@ -18,6 +18,8 @@ def test_demo_runs_end_to_end_with_shipped_models(tmp_path):
     assert json.loads((out / "summary.json").read_text())["thi"]["base"] == s["thi"]["base"]
     acc = s["anchor_localization_accuracy"]
     assert 0.0 <= acc["shipped_model"] <= 1.0 and 0.0 <= acc["lora_tuned"] <= 1.0
+    auc = s["anchor_localization_auc"]
+    assert 0.0 <= auc["shipped_model"] <= 1.0 and 0.0 <= auc["lora_tuned"] <= 1.0
     assert len(s["thi"]["rounds"]) == 5 and s["thi"]["calls"]["loc"] > 0
     assert s["pairs"]["splits_used"] == ["train"]
     assert (out / "lora" / "adapter_config.json").is_file()

@@ -35,33 +35,9 @@ def _md(headers, rows) -> str:
     return "\n".join(out)
 
 
-def write_rda(root: Path, path: Path) -> int:
-    """An RDA file for the training captions from SynthPEDES ground truth (one group per true
-    attribute sentence, two paraphrases each), as tests/test_retriever_train.py builds it."""
-    import json
-
-    from synthpedes.dataset import load_ground_truth, vqa_answers
-
-    records = json.loads((root / "reid_raw.json").read_text(encoding="utf-8"))
-    truth = load_ground_truth(root)["ids"]
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for ri, rec in enumerate(records):
-            if rec["split"] != "train":
-                continue
-            facts = [a for i, a in enumerate(vqa_answers(truth[rec["id"]])) if i in (0, 1, 2, 3, 5, 6, 9, 10)
-                     and not a.startswith("No")]
-            groups = [[s, "The person: " + s[0].lower() + s[1:]] for s in facts]
-            for ci, cap in enumerate(rec["captions"]):
-                f.write(json.dumps({"record_index": ri, "caption_index": ci, "caption": cap,
-                                    "enriched": " ".join(facts), "groups": groups}) + "\n")
-                n += 1
-    return n
-
-
 def run(smoke: bool = False) -> dict:
     from mllm_tune.retriever_train import main
-    from synthpedes.dataset import generate
+    from synthpedes.dataset import generate, write_truth_rda
 
     epochs = "2" if smoke else "5"
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,7 +45,7 @@ def run(smoke: bool = False) -> dict:
         data = t / "synth"
         generate(data, num_ids=40 if smoke else 100, seed=0, progress=False)
         clip = ROOT / "demo_models" / "clip-synthpedes"  # trained on 2,000 other SynthPEDES identities
-        write_rda(data, t / "rda.jsonl")
+        write_truth_rda(data, t / "rda.jsonl")
         base = ["--model", str(clip), "--dataset-root", str(data), "--epochs", epochs]
         runs = {"CLIP (TAL)": CLIP, "RDE": RDE, "RDE + RDA": [*RDE, "--rda-file", str(t / "rda.jsonl")]}
         table, figures = [], {"models": {}, "noise": {}}

@@ -575,24 +575,20 @@ if __name__ == "__main__":
     import json
     import sys
 
-    if "--vision-only" in sys.argv:  # just the frozen-vision-tower measurement (a few minutes on 2 CPUs)
-        import transformers
+    # one measurement alone: the frozen-vision-tower one (a few minutes on 2 CPUs) or the SFT
+    # input pipeline (issue 16, item 3)
+    single = {"--vision-only": (_vision_backward, VISION_SMOKE, VISION_FULL, _vision_markdown),
+              "--pipeline-only": (_input_pipeline, PIPE_SMOKE, PIPE_FULL, _pipeline_markdown)}
+    for flag, (measure, smoke_shape, full_shape, markdown) in single.items():
+        if flag in sys.argv:
+            import transformers
 
-        transformers.logging.set_verbosity_error()
-        with tempfile.TemporaryDirectory() as tmp:
-            vis = _vision_backward(Path(tmp), VISION_SMOKE if "--smoke" in sys.argv else VISION_FULL)
-        print(_vision_markdown(vis))
-        print(json.dumps(vis, indent=2))
-        sys.exit(0)
-    if "--pipeline-only" in sys.argv:  # just the SFT input pipeline measurement (issue 16, item 3)
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        with tempfile.TemporaryDirectory() as tmp:
-            pipe = _input_pipeline(Path(tmp), PIPE_SMOKE if "--smoke" in sys.argv else PIPE_FULL)
-        print(_pipeline_markdown(pipe))
-        print(json.dumps(pipe, indent=2))
-        sys.exit(0)
+            transformers.logging.set_verbosity_error()
+            with tempfile.TemporaryDirectory() as tmp:
+                got = measure(Path(tmp), smoke_shape if "--smoke" in sys.argv else full_shape)
+            print(markdown(got))
+            print(json.dumps(got, indent=2))
+            sys.exit(0)
     res = run(smoke="--smoke" in sys.argv)
     print(res["markdown"])
     print(json.dumps(res["figures"], indent=2))

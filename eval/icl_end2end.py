@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"image budget, largest area (default: the adapter's, else {DEFAULT_MAX_PIXELS})")
     m.add_argument("--loc-answer", choices=("generate", "forward"), default="generate",
                    help="hf: T_loc by greedy generation (default; the text the released rule reads, p_yes from the "
-                        "first step) or by one forward pass (faster; text Yes/No from the first token)")
+                        "first step) or by one forward pass (faster; the answer constrained to Yes/No by p_yes)")
     m.add_argument("--dtype", default="auto", help="hf/vllm weights dtype (auto, float32, bfloat16)")
     add_vllm_engine_flags(m)
     m.add_argument("--base-url", action="append", default=None,
@@ -490,12 +490,16 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
     lam_sweep = [{"lambda": lam, **_rounded(res.metrics(qp, gp, lam=lam, base_per_query=base_pq))}
                  for lam in args.lambda_sweep]
 
+    def replay(**change: Any) -> dict[str, Any]:
+        """Metrics and refined count of THI with ``cfg`` changed, answered from the cache where it can."""
+        r_c = run_thi(S, q_view.query_texts, gal_view.gallery_paths, cached, retrieval.encode_text, retrieval.gallery,
+                      dataclasses.replace(cfg, cover=(), **change), prompts, progress=False)
+        return {**_rounded(r_c.metrics(qp, gp, base_per_query=base_pq)), "refined": r_c.refined_count()}
+
     xi_sweep = []
     sweep_calls_before = sum(cached.calls.values())
     for x in xis:
-        r_x = run_thi(S, q_view.query_texts, gal_view.gallery_paths, cached, retrieval.encode_text, retrieval.gallery,
-                      dataclasses.replace(cfg, xi=x, cover=()), prompts, progress=False)
-        xi_sweep.append({"xi": x, **_rounded(r_x.metrics(qp, gp, base_per_query=base_pq)), "refined": r_x.refined_count()})
+        xi_sweep.append({"xi": x, **replay(xi=x)})
     if any(abs(x["xi"] - xi) < 1e-12 for x in xi_sweep) is False:
         xi_sweep.append({"xi": xi, **rounds[-1]})
         xi_sweep[-1].pop("round", None)
@@ -504,13 +508,7 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
     tau_grid, grid_calls = [], {}
     if taus:
         before = dict(cached.calls)
-        for x in grid_xis:
-            for t in taus:
-                r_xt = run_thi(S, q_view.query_texts, gal_view.gallery_paths, cached, retrieval.encode_text,
-                               retrieval.gallery, dataclasses.replace(cfg, xi=x, tau=t, cover=()), prompts,
-                               progress=False)
-                tau_grid.append({"xi": x, "tau": t, **_rounded(r_xt.metrics(qp, gp, base_per_query=base_pq)),
-                                 "refined": r_xt.refined_count()})
+        tau_grid = [{"xi": x, "tau": t, **replay(xi=x, tau=t)} for x in grid_xis for t in taus]
         grid_calls = {k: v - before.get(k, 0) for k, v in cached.calls.items() if v - before.get(k, 0)}
         if grid_calls.get("loc"):
             logger.warning("the ξ x τ grid asked %d T_loc calls the run had not asked", grid_calls["loc"])
@@ -640,8 +638,8 @@ def backend_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def loc_score_report(res: THIResult, backend: MLLMBackend) -> dict[str, Any]:
-    """How many T_loc answers of the run carry p_yes, their mean, and (hf) how many needed
-    ``generate`` because the greedy first token was neither Yes nor No."""
+    """How many T_loc answers of the run carry p_yes, their mean, and (hf) how many had a greedy
+    first token that was neither Yes nor No."""
     ps = [p for d in res.decisions for p in d.p_yes.values()]
     scored = [p for p in ps if p is not None]
     out: dict[str, Any] = {"answers": len(ps), "scored": len(scored),

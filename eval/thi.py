@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from mllm_tune.core.backends import CachedBackend, LocAnswer, MLLMBackend, MLLMRequest
+from mllm_tune.core.backends import CachedBackend, MLLMBackend, MLLMRequest
 from mllm_tune.core.backends.base import localize_any
 from mllm_tune.core.metrics import mean_metrics, per_query_metrics
 from mllm_tune.core.prompts import DEFAULT_PROMPTS, PromptSet, is_yes
@@ -108,10 +108,6 @@ class QueryDecision:
     vqa: str | None = None
     facts: list[str] = field(default_factory=list)
     refined_text: str | None = None
-
-    @property
-    def yes_rounds(self) -> list[int]:
-        return [r for r, a in sorted(self.loc.items()) if is_yes(a)]
 
     def says_yes(self, r: int, tau: float | None) -> bool:
         """The round-r answer is a Yes: the released text rule (tau None), else p_yes > tau
@@ -298,15 +294,11 @@ def _localize_into(backend: MLLMBackend, ask: list[QueryDecision], r: int, loc_p
                    gallery_paths: Sequence[str], batch_size: int, progress: bool, need_scores: bool) -> None:
     """Ask T_loc(caption, C_i[r]) for the decisions in ``ask`` and store text and p_yes."""
     reqs = [MLLMRequest("loc", loc_prompts[d.query], gallery_paths[d.candidates[r]]) for d in ask]
-    out: list[LocAnswer] = []
-    starts = range(0, len(reqs), batch_size)
-    for s in tqdm(starts, desc=f"T_loc round {r}", unit="batch", disable=not progress or len(reqs) <= batch_size,
-                  leave=False):
-        part = reqs[s : s + batch_size]
-        if isinstance(backend, CachedBackend):
-            out.extend(backend.localize(part, need_score=need_scores))
-        else:
-            out.extend(localize_any(backend, part))
+    if isinstance(backend, CachedBackend):
+        out = _ask(lambda part: backend.localize(part, need_score=need_scores), reqs, batch_size, f"T_loc round {r}",
+                   progress)
+    else:
+        out = _ask(lambda part: localize_any(backend, part), reqs, batch_size, f"T_loc round {r}", progress)
     for d, a in zip(ask, out):
         d.loc[r], d.p_yes[r] = a.text, a.p_yes
     kind = getattr(backend, "kind", type(backend).__name__)
@@ -316,11 +308,13 @@ def _localize_into(backend: MLLMBackend, ask: list[QueryDecision], r: int, loc_p
                        kind, sum(a.p_yes is None for a in out))
 
 
-def _ask(backend: MLLMBackend, reqs: list[MLLMRequest], batch_size: int, desc: str, progress: bool) -> list[str]:
-    out: list[str] = []
+def _ask(answer: Callable[[list[MLLMRequest]], list], reqs: list[MLLMRequest], batch_size: int, desc: str,
+         progress: bool) -> list:
+    """``answer`` (a backend's generate or localize) over ``reqs``, ``batch_size`` at a time."""
+    out: list = []
     starts = range(0, len(reqs), batch_size)
     for s in tqdm(starts, desc=desc, unit="batch", disable=not progress or len(reqs) <= batch_size, leave=False):
-        out.extend(backend.generate(reqs[s : s + batch_size]))
+        out.extend(answer(reqs[s : s + batch_size]))
     return out
 
 
@@ -418,7 +412,7 @@ def run_thi(
         else:
             need = list(dict.fromkeys(d.anchor for d in accepted if d.anchor not in vqa_memo))
         t0 = time.perf_counter()
-        vqa_answers = _ask(backend, [MLLMRequest("vqa", vqa_prompt, gallery_paths[g]) for g in need],
+        vqa_answers = _ask(backend.generate, [MLLMRequest("vqa", vqa_prompt, gallery_paths[g]) for g in need],
                            cfg.batch_size, f"T_vqa round {r}", progress)
         secs["vqa"] += time.perf_counter() - t0
         calls["vqa"] += len(need)
@@ -433,7 +427,7 @@ def run_thi(
         for d in accepted:
             d.facts = prompts.parse_vqa(d.vqa or "")  # ours, or the released handling (PromptSet.answer_handling)
         t0 = time.perf_counter()
-        merged = _ask(backend, [MLLMRequest("aggr", prompts.render_aggr(query_texts[d.query], d.facts)) for d in accepted],
+        merged = _ask(backend.generate, [MLLMRequest("aggr", prompts.render_aggr(query_texts[d.query], d.facts)) for d in accepted],
                       cfg.batch_size, f"T_aggr round {r}", progress)
         secs["aggr"] += time.perf_counter() - t0
         calls["aggr"] += len(accepted)

@@ -382,6 +382,28 @@ def load_ground_truth(root: str | Path) -> dict:
     }
 
 
+def write_truth_rda(root: str | Path, path: str | Path) -> int:
+    """An RDA file (data_builders.rda's JSONL format) for every training caption, from ground
+    truth the way an MLLM would enrich it: one group per true attribute sentence, two
+    paraphrases each. Returns the lines written."""
+    root = Path(root)
+    records = json.loads((root / "reid_raw.json").read_text(encoding="utf-8"))
+    truth = load_ground_truth(root)["ids"]
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for ri, rec in enumerate(records):
+            if rec["split"] != "train":
+                continue
+            answers = vqa_answers(truth[rec["id"]])
+            facts = [answers[i] for i in (0, 1, 2, 3, 5, 6, 9, 10) if not answers[i].startswith("No")]
+            groups = [[s, "The person: " + s[0].lower() + s[1:]] for s in facts]
+            for ci, cap in enumerate(rec["captions"]):
+                f.write(json.dumps({"record_index": ri, "caption_index": ci, "caption": cap,
+                                    "enriched": " ".join(facts), "groups": groups}) + "\n")
+                n += 1
+    return n
+
+
 def caption_ambiguity(root: str | Path, split: str = "test") -> dict[str, float]:
     """How many identities of a split each caption fits: the share of captions that fit more
     than one identity, and the mean number of identities a caption fits."""

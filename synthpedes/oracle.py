@@ -44,7 +44,7 @@ from synthpedes.dataset import (
 )
 from mllm_tune.core.prompts import DEFAULT_PROMPTS, PromptSet, split_answer_sentences
 
-from mllm_tune.core.backends.base import BackendError, LocAnswer, MLLMBackend, MLLMRequest, _check_loc
+from mllm_tune.core.backends.base import BackendError, LocAnswer, MLLMBackend, MLLMRequest, check_loc_requests
 
 SIMULATION_LABEL = "SIMULATION: oracle backend answering from SynthPEDES ground truth (no MLLM)"
 LOC_RULES = ("consistent", "identity")
@@ -130,25 +130,24 @@ class OracleBackend(MLLMBackend):
     def _rng(self, req: MLLMRequest, salt: str = "") -> random.Random:
         # the image by its path inside the dataset, so a dataset generated elsewhere (same seed)
         # gets the same simulated errors
-        img = "-" if req.image is None else self._relative(req.image)
+        img = "-" if req.image is None else (self._relative(req.image) or str(req.image))
         h = hashlib.sha256(f"{self.seed}|{req.task}|{req.prompt}|{img}|{salt}".encode()).digest()
         return random.Random(int.from_bytes(h[:8], "big"))
 
-    def _relative(self, image: str) -> str:
+    def _relative(self, image: str) -> str | None:
+        """The image's path inside the dataset's imgs/ folder, or None when it lies elsewhere."""
         try:
             return Path(image).resolve().relative_to(self._img_dir).as_posix()
         except ValueError:
-            return str(image)
+            return None
 
     def image_id(self, image: str | None) -> int:
         if image is None:
             raise BackendError("oracle: this task needs an image, the request has none")
-        p = Path(image).resolve()
-        try:
-            rel = p.relative_to(self._img_dir).as_posix()
-        except ValueError:
+        rel = self._relative(image)
+        if rel is None:
             raise BackendError(f"oracle: image {image} is not under {self._img_dir}; the oracle only knows "
-                               "the SynthPEDES folder it was built on") from None
+                               "the SynthPEDES folder it was built on")
         if rel not in self._image_id:
             raise BackendError(f"oracle: image {rel} is not annotated in {self.root / 'reid_raw.json'}")
         return self._image_id[rel]
@@ -183,7 +182,7 @@ class OracleBackend(MLLMBackend):
         return LocAnswer("Yes" if yes else "No", round(p, 6))
 
     def localize(self, requests: Sequence[MLLMRequest]) -> list[LocAnswer]:
-        _check_loc(requests)
+        check_loc_requests(requests)
         if self.latency:
             time.sleep(self.latency * len(requests))
         return [self._loc_scored(r) for r in requests]

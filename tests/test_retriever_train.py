@@ -57,28 +57,6 @@ def test_cli_config_file_and_errors(tmp_path):
         main(["--model", "/m", "--dataset-root", "/d", "--output-dir", "/o", "--loss", "xyz"])
 
 
-def write_rda(root, path) -> int:
-    """An RDA file for every training caption, built from SynthPEDES ground truth the way the MLLM
-    would enrich it: one group per attribute sentence, two paraphrases each."""
-    from synthpedes.dataset import load_ground_truth, vqa_answers
-
-    records = json.loads((root / "reid_raw.json").read_text(encoding="utf-8"))
-    truth = load_ground_truth(root)["ids"]
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for ri, rec in enumerate(records):
-            if rec["split"] != "train":
-                continue
-            answers = vqa_answers(truth[rec["id"]])
-            facts = [answers[i] for i in (0, 1, 2, 3, 5, 6, 9, 10) if not answers[i].startswith("No")]
-            groups = [[s, "The person: " + s[0].lower() + s[1:]] for s in facts]
-            for ci, cap in enumerate(rec["captions"]):
-                f.write(json.dumps({"record_index": ri, "caption_index": ci, "caption": cap,
-                                    "enriched": " ".join(facts), "groups": groups}) + "\n")
-                n += 1
-    return n
-
-
 @pytest.mark.slow
 def test_finetune_beats_untrained(synth100, tiny_clip, tmp_path):
     from mllm_tune.core.retrievers import load_retriever
@@ -100,7 +78,9 @@ def test_finetune_beats_untrained(synth100, tiny_clip, tmp_path):
 @pytest.mark.slow
 def test_finetune_with_rda_text(synth100, tiny_clip, tmp_path):
     rda = tmp_path / "rda.jsonl"
-    assert write_rda(synth100, rda) > 300
+    from synthpedes.dataset import write_truth_rda
+
+    assert write_truth_rda(synth100, rda) > 300
     res = main(["--model", str(tiny_clip), "--dataset-root", str(synth100), "--output-dir", str(tmp_path / "rda_ft"),
                 "--rda-file", str(rda), *FAST])
     h = res["history"]

@@ -80,7 +80,7 @@ class MLLMBackend(ABC):
     def localize(self, requests: Sequence[MLLMRequest]) -> list[LocAnswer]:
         """Answer T_loc requests with their P(Yes). This default has no probability: the text of
         :meth:`generate` with ``p_yes=None``."""
-        _check_loc(requests)
+        check_loc_requests(requests)
         return [LocAnswer(a, None) for a in self.generate(requests)]
 
     @abstractmethod
@@ -106,7 +106,7 @@ def localize_any(backend: Any, requests: Sequence[MLLMRequest]) -> list[LocAnswe
     return list(loc(requests))
 
 
-def _check_loc(requests: Sequence[MLLMRequest]) -> None:
+def check_loc_requests(requests: Sequence[MLLMRequest]) -> None:
     bad = [r.task for r in requests if r.task != "loc"]
     if bad:
         raise ValueError(f"localize() answers T_loc requests only, got task(s) {sorted(set(bad))}")

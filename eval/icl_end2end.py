@@ -638,14 +638,15 @@ def backend_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def loc_score_report(res: THIResult, backend: MLLMBackend) -> dict[str, Any]:
-    """How many T_loc answers of the run carry p_yes, their mean, and (hf) how many had a greedy
-    first token that was neither Yes nor No."""
+    """How many T_loc answers of the run carry p_yes, their mean, and (hf, vllm) how many had a
+    greedy first token that was neither Yes nor No."""
     ps = [p for d in res.decisions for p in d.p_yes.values()]
     scored = [p for p in ps if p is not None]
     out: dict[str, Any] = {"answers": len(ps), "scored": len(scored),
                            "mean_p_yes": round(sum(scored) / len(scored), 4) if scored else None}
-    if hasattr(backend, "loc_first_not_yes_no"):
+    if hasattr(backend, "loc_first_not_yes_no"):  # hf and vllm count them
         out["first_token_not_yes_no"] = int(backend.loc_first_not_yes_no)
+    if hasattr(backend, "loc_answer"):  # hf only: generate or forward
         out["hf_loc_answer"] = backend.loc_answer
     return out
 

@@ -307,3 +307,20 @@ def test_bad_tau_is_a_clear_error(synth_root, tmp_path):
 def test_loc_answer_rejects_a_probability_out_of_range():
     with pytest.raises(ValueError):
         LocAnswer("Yes", 1.2)
+
+
+def test_loc_score_report_for_every_backend_kind():
+    """results.json's loc_scores: the first-token counter where a backend keeps one (hf, vllm), the hf
+    answer mode only for hf. A vllm run used to end in AttributeError here, after all its answers."""
+    from types import SimpleNamespace as NS
+
+    from eval.icl_end2end import loc_score_report
+
+    res = NS(decisions=[NS(p_yes={0: 0.9, 1: None}), NS(p_yes={0: 0.3})])
+    hf_like = NS(loc_first_not_yes_no=2, loc_answer="forward")
+    vllm_like = NS(loc_first_not_yes_no=1)
+    openai_like = NS()
+    common = {"answers": 3, "scored": 2, "mean_p_yes": 0.6}
+    assert loc_score_report(res, hf_like) == {**common, "first_token_not_yes_no": 2, "hf_loc_answer": "forward"}
+    assert loc_score_report(res, vllm_like) == {**common, "first_token_not_yes_no": 1}
+    assert loc_score_report(res, openai_like) == common

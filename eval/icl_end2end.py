@@ -585,7 +585,12 @@ def run(args: argparse.Namespace, backend: MLLMBackend | None = None) -> dict:
     table = format_table(results)
     (out / "table.md").write_text(table + "\n", encoding="utf-8")
     if not args.no_plots:
-        results["figures"] = make_plots(out, results, res, q_view, gal_view, args.strips)
+        try:
+            results["figures"] = make_plots(out, results, res, q_view, gal_view, args.strips)
+        except Exception as e:  # a figure must not cost a finished run its results.json
+            logger.warning("no plots (%s: %s); the results are in %s%s", type(e).__name__, e, out / "results.json",
+                           " (pip install matplotlib)" if isinstance(e, ImportError) else "")
+            results["figures_error"] = f"{type(e).__name__}: {e}"
     results["wall_seconds"]["total"] = round(time.perf_counter() - t_start, 3)
     _write_json(out / "results.json", results)
     _write_json(out / "run_state.json", {"status": "complete", "finished": time.time()})

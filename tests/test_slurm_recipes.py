@@ -20,7 +20,8 @@ SLURM = ROOT / "recipes" / "slurm"
 STUBS = {
     "scontrol": 'printf "%s\\n" nodeA nodeB',
     # srun: run the step's command once per node, with that node's SLURM_NODEID, as srun would
-    "srun": 'while [[ "$1" == --* ]]; do shift; done; for id in 0 1; do SLURM_NODEID=$id "$@"; done',
+    "srun": 'echo "$SRUN_CPUS_PER_TASK" >> "$STUB_LOG/srun_cpus.log"; while [[ "$1" == --* ]]; do shift; done; '
+            'for id in 0 1; do SLURM_NODEID=$id "$@"; done',
     "curl": 'echo \'{"data": [{"id": "anchor"}]}\'',
     "python": "",
     "accelerate": "",
@@ -40,7 +41,7 @@ def stubs(tmp_path: Path) -> dict[str, str]:
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PATH=f"{bin_dir}:/usr/bin:/bin", STUB_LOG=str(log_dir), SLURM_JOB_NODELIST="nodeA,nodeB",
-               SLURM_JOB_NUM_NODES="2", SLURM_GPUS_PER_NODE="4")
+               SLURM_JOB_NUM_NODES="2", SLURM_GPUS_PER_NODE="4", SLURM_CPUS_PER_TASK="32")
     return env
 
 
@@ -60,6 +61,7 @@ def test_sharded_script_launches_one_process_group_over_all_nodes(stubs, tmp_pat
     _run("thi-sharded.sbatch", stubs, tmp_path, OUT=str(tmp_path / "out"), PROCS_PER_NODE="2")
     launches = _calls(stubs, "accelerate")
     assert len(launches) == 2  # one launcher per node
+    assert _calls(stubs, "srun_cpus") == [["32"]]  # the step gets the job's CPUs, not one
     for rank, argv in enumerate(launches):
         flag = lambda name: argv[argv.index(name) + 1]  # noqa: E731
         assert argv[0] == "launch" and "--multi_gpu" in argv
@@ -79,6 +81,7 @@ def test_servers_script_starts_a_server_per_gpu_and_one_client(stubs, tmp_path):
                                           "--max-lora-rank", "8"]
     servers = _calls(stubs, "vllm")
     assert len(servers) == 4  # 2 nodes x 2 GPUs
+    assert _calls(stubs, "srun_cpus") == [["32"]]
     for argv in servers:
         flag = lambda name: argv[argv.index(name) + 1]  # noqa: E731
         assert argv[:2] == ["serve", "Qwen/Qwen2-VL-7B-Instruct"] and flag("--lora-modules") == "anchor=/shared/lora"

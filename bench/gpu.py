@@ -246,34 +246,42 @@ def section_tloc(ctx: dict[str, Any]) -> dict[str, Any]:
     sizes = (2,) if ctx["smoke"] else (32, 128, 512)
     rows = []
     kinds = ["hf"] + (["vllm"] if ctx["has_vllm"] else [])
-    # T_loc both ways: greedy text (generate) and the scored call (hf: one forward pass; vllm: one
-    # generation with the Yes/No logprobs of the first token)
-    modes = {"hf": (("generate", {}), ("localize (forward)", {"loc_answer": "forward"})),
-             "vllm": (("generate", {}), ("localize (p_yes)", {}))}
+    # T_loc both ways from ONE backend per kind (a 7B load or engine start costs a minute or more):
+    # greedy text (generate) and the scored call (hf: one forward pass, which only localize reads;
+    # vllm: one generation with the Yes/No logprobs of the first token)
+    scored = {"hf": ("localize (forward)", {"loc_answer": "forward"}), "vllm": ("localize (p_yes)", {})}
     for kind in kinds:
-        for mode, extra in modes[kind]:
-            kw: dict[str, Any] = {"model": str(ctx["model"]), "dtype": "bfloat16" if ctx["cuda"] else "float32", **extra}
-            for bs in sizes:
-                backend = None
-                try:
-                    backend = make_backend(kind, batch_size=bs, **kw)
-                    ask = backend.generate if mode == "generate" else backend.localize
-                    reqs = _tloc_requests(ctx, 2 * bs)
-                    ask(reqs[:bs])  # warm-up (and engine start for vllm)
-                    t0 = time.perf_counter()
-                    ask(reqs[bs:])
-                    dt = time.perf_counter() - t0
-                    rows.append({"backend": kind, "mode": mode, "batch": bs, "requests_per_s": round(bs / dt, 2)})
-                except Exception as exc:  # noqa: BLE001 - one failing size is reported, the rest still run
-                    rows.append({"backend": kind, "mode": mode, "batch": bs,
-                                 "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
-                finally:
-                    if backend is not None:
-                        backend.close()
-                    backend = None
-                    gc.collect()
-                    if ctx["cuda"]:
-                        torch.cuda.empty_cache()
+        scored_mode, extra = scored[kind]
+        modes = ("generate", scored_mode)
+        backend = None
+        try:
+            backend = make_backend(kind, model=str(ctx["model"]), batch_size=max(sizes),
+                                   dtype="bfloat16" if ctx["cuda"] else "float32", **extra)
+            for mode in modes:
+                ask = backend.generate if mode == "generate" else backend.localize
+                for bs in sizes:
+                    backend.batch_size = bs  # hf batches by it; vllm takes each call's requests as one batch
+                    try:
+                        reqs = _tloc_requests(ctx, 2 * bs)
+                        ask(reqs[:bs])  # warm-up (and engine start for vllm)
+                        t0 = time.perf_counter()
+                        ask(reqs[bs:])
+                        dt = time.perf_counter() - t0
+                        rows.append({"backend": kind, "mode": mode, "batch": bs, "requests_per_s": round(bs / dt, 2)})
+                    except Exception as exc:  # noqa: BLE001 - one failing size is reported, the rest still run
+                        rows.append({"backend": kind, "mode": mode, "batch": bs,
+                                     "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+        except Exception as exc:  # noqa: BLE001 - the backend did not build: every row of this kind says why
+            done = {(r["mode"], r["batch"]) for r in rows if r["backend"] == kind}
+            rows += [{"backend": kind, "mode": m, "batch": bs, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                     for m in modes for bs in sizes if (m, bs) not in done]
+        finally:
+            if backend is not None:
+                backend.close()
+            backend = None
+            gc.collect()
+            if ctx["cuda"]:
+                torch.cuda.empty_cache()
     return {"rows": rows, "note": "" if ctx["has_vllm"] else "vllm not importable: hf only"}
 
 

@@ -295,10 +295,10 @@ def _localize_into(backend: MLLMBackend, ask: list[QueryDecision], r: int, loc_p
     """Ask T_loc(caption, C_i[r]) for the decisions in ``ask`` and store text and p_yes."""
     reqs = [MLLMRequest("loc", loc_prompts[d.query], gallery_paths[d.candidates[r]]) for d in ask]
     if isinstance(backend, CachedBackend):
-        out = _ask(lambda part: backend.localize(part, need_score=need_scores), reqs, batch_size, f"T_loc round {r}",
-                   progress)
+        answer = lambda part: backend.localize(part, need_score=need_scores)  # noqa: E731
     else:
-        out = _ask(lambda part: localize_any(backend, part), reqs, batch_size, f"T_loc round {r}", progress)
+        answer = lambda part: localize_any(backend, part)  # noqa: E731
+    out = _ask(answer, reqs, batch_size, f"T_loc round {r}", progress)
     for d, a in zip(ask, out):
         d.loc[r], d.p_yes[r] = a.text, a.p_yes
     kind = getattr(backend, "kind", type(backend).__name__)

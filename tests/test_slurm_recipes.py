@@ -50,6 +50,10 @@ def _calls(env: dict[str, str], name: str) -> list[list[str]]:
     return [shlex.split(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
 def _run(script: str, env: dict[str, str], cwd: Path, **extra: str) -> subprocess.CompletedProcess:
     run = subprocess.run(["bash", str(SLURM / script)], cwd=cwd, env={**env, **extra}, capture_output=True,
                          text=True, timeout=60)
@@ -63,14 +67,13 @@ def test_sharded_script_launches_one_process_group_over_all_nodes(stubs, tmp_pat
     assert len(launches) == 2  # one launcher per node
     assert _calls(stubs, "srun_cpus") == [["32"]]  # the step gets the job's CPUs, not one
     for rank, argv in enumerate(launches):
-        flag = lambda name: argv[argv.index(name) + 1]  # noqa: E731
         assert argv[0] == "launch" and "--multi_gpu" in argv
-        assert (flag("--num_machines"), flag("--num_processes"), flag("--machine_rank")) == ("2", "4", str(rank))
-        assert (flag("--main_process_ip"), flag("--main_process_port")) == ("nodeA", "29500")
-        assert flag("-m") == "eval.icl_end2end" and flag("--mllm") == "vllm" and "--adapter-only-loc" in argv
-        assert flag("--vllm-tensor-parallel-size") == "2"  # 4 GPUs per node / 2 processes
-        assert flag("--vllm-dtype") == "bfloat16" and flag("--out") == str(tmp_path / "out")
-        assert flag("--dataset") == "icfg-pedes" and flag("--model") == "Qwen/Qwen2-VL-7B-Instruct"
+        assert [_flag(argv, f) for f in ("--num_machines", "--num_processes", "--machine_rank")] == ["2", "4", str(rank)]
+        assert (_flag(argv, "--main_process_ip"), _flag(argv, "--main_process_port")) == ("nodeA", "29500")
+        assert _flag(argv, "-m") == "eval.icl_end2end" and _flag(argv, "--mllm") == "vllm" and "--adapter-only-loc" in argv
+        assert _flag(argv, "--vllm-tensor-parallel-size") == "2"  # 4 GPUs per node / 2 processes
+        assert _flag(argv, "--vllm-dtype") == "bfloat16" and _flag(argv, "--out") == str(tmp_path / "out")
+        assert _flag(argv, "--dataset") == "icfg-pedes" and _flag(argv, "--model") == "Qwen/Qwen2-VL-7B-Instruct"
 
 
 def test_servers_script_starts_a_server_per_gpu_and_one_client(stubs, tmp_path):
@@ -83,18 +86,16 @@ def test_servers_script_starts_a_server_per_gpu_and_one_client(stubs, tmp_path):
     assert len(servers) == 4  # 2 nodes x 2 GPUs
     assert _calls(stubs, "srun_cpus") == [["32"]]
     for argv in servers:
-        flag = lambda name: argv[argv.index(name) + 1]  # noqa: E731
-        assert argv[:2] == ["serve", "Qwen/Qwen2-VL-7B-Instruct"] and flag("--lora-modules") == "anchor=/shared/lora"
-        assert flag("--mm-processor-kwargs") == '{"min_pixels": 50176, "max_pixels": 50176}'
-        assert flag("--dtype") == "bfloat16" and flag("--max-num-seqs") == "16"
-    assert sorted(a[a.index("--port") + 1] for a in servers) == ["8000", "8000", "8001", "8001"]
+        assert argv[:2] == ["serve", "Qwen/Qwen2-VL-7B-Instruct"] and _flag(argv, "--lora-modules") == "anchor=/shared/lora"
+        assert _flag(argv, "--mm-processor-kwargs") == '{"min_pixels": 50176, "max_pixels": 50176}'
+        assert _flag(argv, "--dtype") == "bfloat16" and _flag(argv, "--max-num-seqs") == "16"
+    assert sorted(_flag(a, "--port") for a in servers) == ["8000", "8000", "8001", "8001"]
     urls = (tmp_path / "runs" / "e2e.servers.txt").read_text().split()
     assert urls == ["http://nodeA:8000/v1", "http://nodeA:8001/v1", "http://nodeB:8000/v1", "http://nodeB:8001/v1"]
     client = _calls(stubs, "python")[1]
-    flag = lambda name: client[client.index(name) + 1]  # noqa: E731
-    assert client[:2] == ["-m", "eval.icl_end2end"] and flag("--dataset") == "cuhk-pedes"
-    assert (flag("--mllm"), flag("--model"), flag("--concurrency"), flag("--out")) == ("openai", "anchor", "16", str(out))
-    assert flag("--base-url-file") == str(out) + ".servers.txt"
+    assert client[:2] == ["-m", "eval.icl_end2end"] and _flag(client, "--dataset") == "cuhk-pedes"
+    assert [_flag(client, f) for f in ("--mllm", "--model", "--concurrency", "--out")] == ["openai", "anchor", "16", str(out)]
+    assert _flag(client, "--base-url-file") == str(out) + ".servers.txt"
 
 
 def test_servers_script_says_which_server_never_came_up(stubs, tmp_path):

@@ -105,25 +105,21 @@ def test_tiny_qwen2_vl_vllm_answers_equal_hf_with_and_without_adapter(side):
     assert any(answers[i] != base[i] for i in loc), "the adapter changed no T_loc answer: was it applied?"
 
 
-# hf.localize on the project's stack (.venv): [[text, p_yes], ...] for the requests, or null when the
-# hf backend has no localize of its own yet
+# hf.localize on the project's stack (.venv): [[text, p_yes], ...] for the requests
 _HF_LOCALIZE = r"""
 import json, sys
-from mllm_tune.core.backends import MLLMBackend, MLLMRequest, make_backend
+from mllm_tune.core.backends import MLLMRequest, make_backend
 a = json.loads(open(sys.argv[1]).read())
 be = make_backend("hf", model=a["model"], adapter=a["adapter"], adapter_tasks=("loc",), dtype="float32",
                   min_pixels=a["pixels"], max_pixels=a["pixels"], max_new_tokens=a["max_new_tokens"], batch_size=8)
-if getattr(type(be), "localize", MLLMBackend.localize) is MLLMBackend.localize:
-    out = None
-else:
-    out = [[x.text, x.p_yes] for x in be.localize([MLLMRequest(**r) for r in a["requests"]])]
+out = [[x.text, x.p_yes] for x in be.localize([MLLMRequest(**r) for r in a["requests"]])]
 open(sys.argv[2], "w").write(json.dumps(out))
 """
 
 
 @pytest.fixture(scope="session")
 def hf_loc(side) -> dict:
-    """The demo model + SFT LoRA's T_loc answers with p_yes from the hf backend (None: no hf.localize)."""
+    """The demo model + SFT LoRA's T_loc answers with p_yes from the hf backend."""
     work = Path(side["work"])
     loc = [r for r in side["requests"] if r["task"] == "loc"]
     args, out = work / "hf_loc_args.json", work / "hf_loc.json"
@@ -153,14 +149,10 @@ def test_synthpedes_vl_with_sft_lora_vllm_answers_equal_hf(side, hf_loc):
     assert all((scored[i].p_yes > 0.5) == is_yes(scored[i].text) for i in decided)
     p = [a.p_yes for a in scored]
     print(f"vllm p_yes over {ids.as_dict()}: {[round(x, 4) for x in p]} ({len(decided)}/{len(reqs)} first tokens Yes/No)")
-    if hf_loc["answers"] is None:
-        print("hf backend has no localize: p_yes not compared with hf")
-    else:
-        hf_p = [x[1] for x in hf_loc["answers"]]
-        diff = max(abs(a - b) for a, b in zip(p, hf_p))
-        print(f"p_yes vllm vs hf: max |diff| {diff:.2e}")
-        assert p == pytest.approx(hf_p, abs=1e-3)
-        assert [a.text for a in scored] == [x[0] for x in hf_loc["answers"]]
+    hf_p = [x[1] for x in hf_loc["answers"]]
+    print(f"p_yes vllm vs hf: max |diff| {max(abs(a - b) for a, b in zip(p, hf_p)):.2e}")
+    assert p == pytest.approx(hf_p, abs=1e-3)
+    assert [a.text for a in scored] == [x[0] for x in hf_loc["answers"]]
     _release(be)
 
 
@@ -358,10 +350,9 @@ def test_openai_backend_against_the_server_equals_hf(side, server, hf_loc):
         stats = be.loc_score_stats()
     assert [a.text for a in scored] == [out[i] for i, r in enumerate(reqs) if r.task == "loc"]
     assert stats == {"scored": len(loc)} and all(0.0 <= a.p_yes <= 1.0 for a in scored)
-    if hf_loc["answers"] is not None:
-        hf_p = [x[1] for x in hf_loc["answers"]]
-        print(f"p_yes openai (top_logprobs) vs hf: max |diff| {max(abs(a.p_yes - b) for a, b in zip(scored, hf_p)):.2e}")
-        assert [a.p_yes for a in scored] == pytest.approx(hf_p, abs=1e-3)
+    hf_p = [x[1] for x in hf_loc["answers"]]
+    print(f"p_yes openai (top_logprobs) vs hf: max |diff| {max(abs(a.p_yes - b) for a, b in zip(scored, hf_p)):.2e}")
+    assert [a.p_yes for a in scored] == pytest.approx(hf_p, abs=1e-3)
 
 
 def _decisions(folder: Path) -> list[dict]:
